@@ -1,0 +1,3 @@
+from kdistill.cli import main
+
+raise SystemExit(main())
