@@ -122,7 +122,8 @@ def check_labels(labels: Tensor, shape: torch.Size, axis: int, device: torch.dev
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(
-            f"labels must be an integer tensor, got dtype {labels.dtype}; convert with labels.long()"
+            f"labels must be an integer tensor, got dtype {labels.dtype}; "
+            "convert them with labels.long()"
         )
     outer, inner = outer_inner(shape, axis)
     if labels.numel() != outer * inner:

@@ -15,7 +15,12 @@ from kdistill.losses import KDLoss
 
 logger = logging.getLogger(__name__)
 
-_NORMALIZATION_NAMES = {"FULL": "full", "VALID": "valid", "BATCH_SIZE": "batch_size", "NONE": "none"}
+_NORMALIZATION_NAMES = {
+    "FULL": "full",
+    "VALID": "valid",
+    "BATCH_SIZE": "batch_size",
+    "NONE": "none",
+}
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -142,7 +147,8 @@ def _parse_layer(text: str):
         return layer
 
     if not net.layer:
-        raise PrototxtError("the prototxt holds no layer")
+        # Empty or comment-only text is a layer body with every field at its default.
+        return _LayerParameter()
     distillation = [layer for layer in net.layer if layer.type == "KnowledgeDistillation"]
     if len(distillation) != 1:
         types = [layer.type or "<no type>" for layer in net.layer]
