@@ -1,0 +1,419 @@
+"""Property and fuzz tests of the public API's input handling, on a fixed budget.
+
+The contract under test: every call either returns a result, which is finite whenever every
+input is finite and in range, or raises ``ValueError``/``TypeError`` with a message. Any other
+exception, or a NaN/inf for finite inputs, is a bug. Hypothesis runs derandomized (the same
+examples on every run) with a bounded number of examples, so the suite is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdistill import (
+    DistillationLoss,
+    KDLoss,
+    divergence_loss,
+    from_prototxt,
+    hard_label_loss,
+    jsd_loss,
+    kd_loss,
+    reverse_kd_loss,
+)
+
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+OTHER_DTYPES = [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
+LABEL_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8]
+BAD_LABEL_DTYPES = [torch.float32, torch.bool, torch.float16]
+
+# Temperatures the losses accept and stay finite for with logits in the range drawn below.
+GOOD_TEMPERATURES = st.one_of(
+    st.sampled_from([1.0, 2.0, 4.0, 20.0, 0.05, 100.0]),
+    st.floats(min_value=0.01, max_value=100.0),
+    st.integers(min_value=1, max_value=50),
+)
+BAD_TEMPERATURES = st.sampled_from(
+    [0, 0.0, -0.0, -1.0, -1e-9, math.inf, -math.inf, math.nan, True, None, "4", [4.0], 1j]
+)
+
+
+def assert_clear_error(error: Exception) -> None:
+    """Only ValueError/TypeError with a non-empty message are acceptable failures."""
+    assert isinstance(error, (ValueError, TypeError)), f"{type(error).__name__}: {error}"
+    assert str(error).strip(), f"{type(error).__name__} raised without a message"
+
+
+@st.composite
+def logits_pair(draw):
+    """Student and teacher logits of a random shape, dtype and device, NaN/inf sometimes."""
+    ndim = draw(st.integers(min_value=0, max_value=4))
+    shape = tuple(draw(st.integers(min_value=0, max_value=5)) for _ in range(ndim))
+    if ndim and draw(st.booleans()):
+        shape = tuple(max(d, 1) for d in shape)
+    seed = draw(st.integers(min_value=0, max_value=2**31 - 1))
+    scale = draw(st.sampled_from([0.0, 1e-3, 1.0, 10.0, 300.0, 1e4]))
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    teacher = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+    finite = True
+    if student.numel() and draw(st.integers(0, 5)) == 0:
+        special = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        where = draw(st.sampled_from(["student", "teacher"]))
+        index = draw(st.integers(0, student.numel() - 1))
+        (student if where == "student" else teacher).view(-1)[index] = special
+        finite = False
+
+    student_dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    teacher_dtype = student_dtype
+    roll = draw(st.integers(0, 9))
+    if roll == 0:
+        student_dtype = draw(st.sampled_from(OTHER_DTYPES))
+    elif roll == 1:
+        teacher_dtype = draw(st.sampled_from(OTHER_DTYPES + FLOAT_DTYPES))
+    student = student.to(student_dtype) if student_dtype.is_floating_point else student.abs()
+    teacher = teacher.to(teacher_dtype) if teacher_dtype.is_floating_point else teacher.abs()
+    student, teacher = student.to(student_dtype), teacher.to(teacher_dtype)
+    if student_dtype.is_floating_point and not torch.isfinite(student).all():
+        finite = False  # float16 overflow of a large value, for example
+    if teacher_dtype.is_floating_point and not torch.isfinite(teacher).all():
+        finite = False
+
+    if draw(st.integers(0, 9)) == 0:
+        if draw(st.booleans()):
+            teacher = teacher.to("meta")
+        else:
+            student, teacher = student.to("meta"), teacher.to("meta")
+    if draw(st.integers(0, 9)) == 0 and ndim:
+        # A shape mismatch in one dimension.
+        bad = list(shape)
+        bad[draw(st.integers(0, ndim - 1))] += 1
+        teacher = torch.zeros(bad, dtype=teacher.dtype, device=teacher.device)
+    return student, teacher, finite
+
+
+@st.composite
+def labels_for(draw, student: torch.Tensor, axis: int):
+    """Labels that fit the logits (usually), of a random integer dtype, or something wrong."""
+    if draw(st.integers(0, 3)) == 0:
+        return None, True
+    ndim = student.dim()
+    canonical = axis % ndim if ndim and -ndim <= axis < ndim else 0
+    outer = math.prod(student.shape[:canonical])
+    inner = math.prod(student.shape[canonical + 1 :])
+    classes = student.shape[canonical] if ndim else 1
+    count = outer * inner
+    fits = True
+    if draw(st.integers(0, 9)) == 0:
+        count += draw(st.integers(1, 3))
+        fits = False
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-2, max(classes, 1) + 2, (count,), generator=generator)
+    dtype = draw(st.sampled_from(LABEL_DTYPES))
+    if draw(st.integers(0, 9)) == 0:
+        dtype = draw(st.sampled_from(BAD_LABEL_DTYPES))
+        fits = False
+    if dtype == torch.uint8:
+        labels = labels.clamp(min=0)
+    labels = labels.to(dtype)
+    if fits and count and inner > 1 and draw(st.booleans()):
+        labels = labels.reshape(outer, inner) if outer else labels
+    if draw(st.integers(0, 14)) == 0 or (student.device.type == "meta" and draw(st.booleans())):
+        labels = labels.to("meta")
+    return labels, fits
+
+
+IGNORE_INDEX = st.one_of(
+    st.none(),
+    st.sampled_from([-100, -1, 0, 1, 255]),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+NORMALIZATION = st.one_of(
+    st.sampled_from(["valid", "full", "batch_size", "none", "VALID"]),
+    st.sampled_from(["mean", "", None, 1]),
+)
+NORMALIZER = st.one_of(
+    st.none(),
+    st.floats(min_value=1e-3, max_value=1e6),
+    st.integers(min_value=1, max_value=10**6),
+    st.sampled_from([0, -1.0, math.nan, math.inf, "2", True, torch.tensor([1.0, 2.0])]),
+    st.sampled_from([torch.tensor(2.0), torch.tensor([7]), torch.tensor(0.5, dtype=torch.float64)]),
+)
+AXIS = st.one_of(st.integers(min_value=-5, max_value=4), st.sampled_from([1.0, None, True]))
+
+
+def _is_finite_normalizer(normalizer) -> bool:
+    """None, or a real number or tensor without NaN/inf (zero and negatives count as finite)."""
+    if normalizer is None:
+        return True
+    if isinstance(normalizer, torch.Tensor):
+        return not normalizer.is_complex() and bool(torch.isfinite(normalizer).all())
+    return isinstance(normalizer, (int, float)) and math.isfinite(normalizer)
+
+
+def check_result(loss, inputs_finite: bool, student: torch.Tensor) -> None:
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0, loss
+    assert loss.dtype.is_floating_point, loss.dtype
+    if loss.device.type == "meta":
+        return
+    if inputs_finite:
+        assert torch.isfinite(loss), f"non-finite loss {loss} for finite inputs"
+        if student.requires_grad and loss.requires_grad:
+            loss.backward()
+            assert student.grad is not None
+            assert torch.isfinite(student.grad).all(), "non-finite gradient for finite inputs"
+
+
+@FUZZ
+@given(data=st.data())
+def test_divergence_losses_return_finite_values_or_raise_clear_errors(data):
+    student, teacher, finite = data.draw(logits_pair())
+    axis = data.draw(AXIS)
+    labels, labels_fit = data.draw(labels_for(student, axis if isinstance(axis, int) else 1))
+    temperature = data.draw(st.one_of(GOOD_TEMPERATURES, BAD_TEMPERATURES))
+    ignore_index = data.draw(IGNORE_INDEX)
+    normalization = data.draw(NORMALIZATION)
+    normalizer = data.draw(NORMALIZER)
+    t_squared = data.draw(st.booleans())
+    which = data.draw(st.sampled_from(["kd", "reverse", "jsd", "divergence", "module"]))
+    beta = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.1, 1.5, math.nan])))
+    if student.dtype.is_floating_point and student.device.type != "meta":
+        student = student.detach().requires_grad_(True)
+
+    options = dict(
+        temperature=temperature,
+        axis=axis,
+        ignore_index=ignore_index,
+        normalization=normalization,
+        t_squared=t_squared,
+    )
+    try:
+        if which == "kd":
+            loss = kd_loss(student, teacher, labels, normalizer=normalizer, **options)
+        elif which == "reverse":
+            loss = reverse_kd_loss(student, teacher, labels, normalizer=normalizer, **options)
+        elif which == "jsd":
+            loss = jsd_loss(student, teacher, labels, beta=beta, normalizer=normalizer, **options)
+        elif which == "divergence":
+            divergence = data.draw(st.sampled_from(["forward_kl", "reverse_kl", "jsd", "kl"]))
+            loss = divergence_loss(
+                student,
+                teacher,
+                labels,
+                divergence=divergence,
+                beta=beta,
+                normalizer=normalizer,
+                **options,
+            )
+        else:
+            criterion = KDLoss(**options, divergence="jsd", beta=beta)
+            loss = criterion(student, teacher, labels, normalizer=normalizer)
+    except Exception as error:  # noqa: BLE001 - the property is about which errors escape
+        assert_clear_error(error)
+        return
+
+    good_temperature = not isinstance(temperature, bool) and isinstance(temperature, (int, float))
+    assert good_temperature and math.isfinite(temperature) and temperature > 0, temperature
+    assert labels_fit or labels is None
+    check_result(loss, finite and _is_finite_normalizer(normalizer), student)
+
+
+@FUZZ
+@given(data=st.data())
+def test_distillation_and_hard_label_losses_return_finite_values_or_raise_clear_errors(data):
+    student, teacher, finite = data.draw(logits_pair())
+    axis = data.draw(st.integers(min_value=-3, max_value=3))
+    labels, _ = data.draw(labels_for(student, axis))
+    alpha = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.5, 2.0, math.nan])))
+    temperature = data.draw(st.one_of(GOOD_TEMPERATURES, BAD_TEMPERATURES))
+    ignore_index = data.draw(IGNORE_INDEX)
+    use_hard_only = data.draw(st.booleans())
+    if student.dtype.is_floating_point and student.device.type != "meta":
+        student = student.detach().requires_grad_(True)
+
+    try:
+        if use_hard_only:
+            loss = hard_label_loss(student, labels, axis=axis, ignore_index=ignore_index)
+        else:
+            criterion = DistillationLoss(
+                temperature=temperature, alpha=alpha, axis=axis, ignore_index=ignore_index
+            )
+            loss = criterion(student, teacher, labels)
+    except Exception as error:  # noqa: BLE001
+        assert_clear_error(error)
+        return
+
+    check_result(loss, finite, student)
+
+
+# --------------------------------------------------------------------------------------------
+# from_prototxt: random text and random field values
+# --------------------------------------------------------------------------------------------
+
+FIELD_VALUES = st.one_of(
+    st.integers(min_value=-(2**40), max_value=2**40).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(
+        ["inf", "-inf", "nan", "true", "false", "VALID", "FULL", "NONE", "BOGUS", '"x"', "1e40"]
+    ),
+)
+
+
+@st.composite
+def prototxt_text(draw):
+    """A KnowledgeDistillation layer with random values, fields and small mutations."""
+    temperature = draw(FIELD_VALUES)
+    axis = draw(FIELD_VALUES)
+    ignore = draw(FIELD_VALUES)
+    normalization = draw(FIELD_VALUES)
+    weight = draw(FIELD_VALUES)
+    parts = [
+        'name: "kd"',
+        f'type: "{draw(st.sampled_from(["KnowledgeDistillation", "SoftmaxWithLoss", ""]))}"',
+        'bottom: "s"',
+        'bottom: "t"',
+    ]
+    if draw(st.booleans()):
+        parts.append('bottom: "label"')
+    optional = [
+        f"knowledge_distillation_param {{ temperature: {temperature} }}",
+        f"softmax_param {{ axis: {axis} }}",
+        f"loss_param {{ ignore_label: {ignore} }}",
+        f"loss_param {{ normalization: {normalization} }}",
+        f"loss_param {{ normalize: {draw(st.sampled_from(['true', 'false', '2']))} }}",
+        f"loss_weight: {weight}",
+        f"loss_weight: {weight} loss_weight: 1",
+        "include { phase: TRAIN }",
+        f"unknown_field: {weight}",
+        "propagate_down: true",
+    ]
+    chosen = draw(st.lists(st.sampled_from(optional), max_size=5))
+    body = " ".join(parts + chosen)
+    text = f"layer {{ {body} }}" if draw(st.booleans()) else body
+    cut = draw(st.integers(0, 8))
+    if cut == 0:
+        text = text[: draw(st.integers(0, len(text)))]
+    elif cut == 1:
+        position = draw(st.integers(0, len(text)))
+        text = (
+            text[:position]
+            + draw(st.sampled_from(["{", "}", '"', ":", "\x00", "é"]))
+            + text[position:]
+        )
+    return text
+
+
+def _check_prototxt_outcome(text) -> None:
+    try:
+        criterion = from_prototxt(text)
+    except Exception as error:  # noqa: BLE001
+        assert_clear_error(error)
+        return
+
+    assert isinstance(criterion, KDLoss)
+    assert math.isfinite(criterion.temperature) and criterion.temperature > 0
+    student, teacher = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    labels = torch.randint(0, 4, (3, 2))
+    try:
+        loss = criterion(student, teacher, labels)
+    except Exception as error:  # noqa: BLE001
+        assert_clear_error(error)
+        return
+    assert torch.isfinite(loss), f"from_prototxt({text!r}) gave a loss of {loss}"
+
+
+@FUZZ
+@given(text=prototxt_text())
+def test_from_prototxt_builds_a_working_loss_or_raises_clear_errors(text):
+    _check_prototxt_outcome(text)
+
+
+@settings(FUZZ, max_examples=150)
+@given(text=st.one_of(st.text(max_size=200), st.binary(max_size=50), st.integers(), st.none()))
+def test_from_prototxt_on_random_input_raises_only_clear_errors(text):
+    _check_prototxt_outcome(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Minimal cases the fuzzing found; each one states the contract it checks.
+# --------------------------------------------------------------------------------------------
+
+STUDENT = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.3, -0.2]])
+TEACHER = torch.tensor([[1.0, 0.0, -1.0], [0.2, 0.2, 0.1]])
+LABELS = torch.tensor([0, 2])
+
+
+def _finite_or_clear_error(call) -> None:
+    try:
+        loss = call()
+    except Exception as error:  # noqa: BLE001
+        assert_clear_error(error)
+        return
+    assert loss.device.type == "meta" or bool(torch.isfinite(loss)), loss
+    assert not loss.is_complex(), loss
+
+
+@pytest.mark.xfail(strict=True, reason="ignore_index outside int64 raises OverflowError")
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64_is_a_value_error(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index"):
+        kd_loss(STUDENT, TEACHER, LABELS, ignore_index=ignore_index)
+
+
+@pytest.mark.xfail(strict=True, reason="a tensor normalizer's value and dtype are not checked")
+@pytest.mark.parametrize(
+    "normalizer",
+    [torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(math.nan), torch.tensor(1 + 1j)],
+    ids=["zero", "negative", "nan", "complex"],
+)
+def test_tensor_normalizer_must_be_positive_and_real(normalizer):
+    with pytest.raises((ValueError, TypeError), match="normalizer"):
+        kd_loss(STUDENT, TEACHER, normalizer=normalizer)
+
+
+@pytest.mark.xfail(strict=True, reason="math.isfinite overflows on huge ints")
+def test_huge_int_normalizer_is_a_value_error():
+    with pytest.raises(ValueError, match="normalizer"):
+        kd_loss(STUDENT, TEACHER, normalizer=10**400)
+
+
+@pytest.mark.xfail(strict=True, reason="the label range check calls .item() on meta tensors")
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_hard_label_loss_on_meta_tensors_raises_no_internal_error(ignore_index):
+    student, labels = STUDENT.to("meta"), LABELS.to("meta")
+    _finite_or_clear_error(lambda: hard_label_loss(student, labels, ignore_index=ignore_index))
+    criterion = DistillationLoss(temperature=2.0, ignore_index=ignore_index)
+    _finite_or_clear_error(lambda: criterion(student, TEACHER.to("meta"), labels))
+
+
+@pytest.mark.xfail(strict=True, reason="T**2 or logits / T overflow float32 to inf, then NaN")
+@pytest.mark.parametrize(
+    ("student", "temperature"),
+    [(STUDENT, 2e19), (torch.tensor([[1e10, 0.0]]), 1e-30), (torch.tensor([[1.0, 0.0]]), 1e-40)],
+)
+def test_extreme_temperature_gives_finite_loss_or_value_error(student, temperature):
+    teacher = torch.zeros_like(student)
+    _finite_or_clear_error(lambda: kd_loss(student, teacher, temperature=temperature))
+
+
+@pytest.mark.xfail(strict=True, reason="loss_weight is only checked at the first forward")
+@pytest.mark.parametrize("loss_weight", ["nan", "inf"])
+def test_nonfinite_loss_weight_is_refused_at_construction(loss_weight):
+    with pytest.raises(ValueError, match="loss_weight"):
+        KDLoss(loss_weight=float(loss_weight))
+    with pytest.raises(ValueError, match="loss_weight"):
+        from_prototxt(f'type: "KnowledgeDistillation" loss_weight: {loss_weight}')
