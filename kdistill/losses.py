@@ -355,9 +355,11 @@ def divergence_loss(
             temperature=temperature,
             divergence=divergence,
             beta=beta,
-            scale=scale_factor,
+            # The normalizer goes into the scale so that backward hands over the stored
+            # gradient without another full-size multiply.
+            scale=scale_factor / (norm.double() if isinstance(norm, Tensor) else norm),
         )
-        return summed / norm
+        return summed
 
     compute_dtype = torch.float32 if student_logits.dtype in _LOW_PRECISION else None
     student = student_logits if compute_dtype is None else student_logits.to(compute_dtype)
