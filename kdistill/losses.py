@@ -30,6 +30,10 @@ IMPLEMENTATIONS = ("auto", "reference", "fused")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
 
 # --------------------------------------------------------------------------------------------
 # Argument checks shared by every loss
@@ -43,6 +47,12 @@ def check_temperature(temperature: float) -> float:
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        # Outside this range T^2 or logits / T overflow float32 for ordinary logits.
+        raise ValueError(
+            f"temperature must be finite and > 0 and within [{MIN_TEMPERATURE:g}, "
+            f"{MAX_TEMPERATURE:g}], got {temperature:g}"
+        )
     return temperature
 
 
@@ -64,6 +74,19 @@ def check_beta(beta: float) -> float:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     return beta
+
+
+def check_loss_weight(loss_weight: float) -> float:
+    """Return ``loss_weight`` as a finite float, or raise."""
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)):
+        raise TypeError(f"loss_weight must be a number, got {type(loss_weight).__name__}")
+    try:
+        value = float(loss_weight)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"loss_weight must be finite, got {value}")
+    return value
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -143,6 +166,8 @@ def check_ignore_index(ignore_index: int | None) -> int | None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     return ignore_index
 
 
@@ -188,12 +213,26 @@ def _check_normalizer_override(normalizer: float | Tensor) -> float | Tensor:
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got shape {_shape(normalizer)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number, got dtype {normalizer.dtype}")
+        # The value check reads the tensor, which would stall an accelerator's queue; there the
+        # caller vouches for it.
+        if normalizer.device.type == "cpu":
+            value = float(normalizer)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"normalizer must be finite and > 0, got {value}")
         return normalizer.reshape(())
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a number or a tensor, got {type(normalizer).__name__}")
-    if not math.isfinite(normalizer) or normalizer <= 0:
+    try:
+        value = float(normalizer)
+    except OverflowError:
+        raise ValueError(
+            f"normalizer must be finite and > 0, got an int of {len(str(normalizer))} digits"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"normalizer must be finite and > 0, got {normalizer}")
-    return float(normalizer)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,10 +358,7 @@ def divergence_loss(
     implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
     beta = check_beta(beta)
     ignore_index = check_ignore_index(ignore_index)
-    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)):
-        raise TypeError(f"loss_weight must be a number, got {type(loss_weight).__name__}")
-    if not math.isfinite(loss_weight):
-        raise ValueError(f"loss_weight must be finite, got {loss_weight}")
+    loss_weight = check_loss_weight(loss_weight)
     axis = check_logits(student_logits, teacher_logits, axis)
     shape = student_logits.shape
     outer, inner = outer_inner(shape, axis)
@@ -524,9 +560,13 @@ def hard_label_loss(
     labels2d = check_labels(labels, shape, axis, student_logits.device)
     mask = valid_mask(labels2d, ignore_index)
     classes = shape[axis]
-    counted = labels2d if mask is None else labels2d[mask]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= classes):
-        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+    if labels2d.numel() and labels2d.device.type != "meta":
+        kept = labels2d if mask is None else torch.where(mask, labels2d, torch.zeros_like(labels2d))
+        low, high = int(kept.min()), int(kept.max())
+    else:
+        low, high = 0, 0
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
         raise ValueError(
             f"label {bad} is outside [0, {classes}) for logits with {classes} classes on axis "
             f"{axis}" + ("" if ignore_index is None else f" (ignore_index is {ignore_index})")
@@ -589,9 +629,7 @@ class KDLoss(nn.Module):
         self.ignore_index = check_ignore_index(ignore_index)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         self.t_squared = bool(t_squared)
-        if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)):
-            raise TypeError(f"loss_weight must be a number, got {type(loss_weight).__name__}")
-        self.loss_weight = float(loss_weight)
+        self.loss_weight = check_loss_weight(loss_weight)
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.beta = check_beta(beta)
         self.implementation = check_choice("implementation", implementation, IMPLEMENTATIONS)
