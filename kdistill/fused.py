@@ -274,6 +274,7 @@ def divergence_rows(
     grad_coef: float = 1.0,
     need_grad: bool = True,
     engine: str = "auto",
+    grad_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Per-row divergence of ``(rows, classes)`` logits and the scaled gradient, no autograd.
 
@@ -288,6 +289,9 @@ def divergence_rows(
             ``grad_coef`` times the derivative with respect to ``student / T``.
         need_grad: compute the gradient (else None is returned for it).
         engine: ``"native"`` (the C kernel, CPU only), ``"torch"`` or ``"auto"``.
+        grad_out: optional contiguous buffer shaped and typed like ``student`` to write the
+            gradient into; it may be ``student`` itself (each row is read in full before its
+            gradient is written), as :func:`kdistill.fused_linear_kd_loss` does.
 
     Returns:
         ``(row_loss, grad)``: float64 ``(rows,)`` divergences and the gradient in the input dtype
@@ -324,7 +328,14 @@ def divergence_rows(
 
     rows = student.shape[0]
     row_loss = torch.empty(rows, dtype=torch.float64, device=student.device)
-    grad = empty_like_fast(student) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = empty_like_fast(student) if grad_out is None else grad_out
+        if grad.shape != student.shape or grad.dtype != student.dtype or not grad.is_contiguous():
+            raise ValueError(
+                f"grad_out must be a contiguous {student.dtype} tensor of shape "
+                f"{tuple(student.shape)}, got {grad.dtype} {tuple(grad.shape)}"
+            )
     code = DIVERGENCE_CODES[divergence]
     if divergence == "jsd" and beta in (0.0, 1.0):
         # The mixture is then the student (or the teacher) itself; the KL forms keep its log
