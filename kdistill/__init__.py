@@ -4,6 +4,7 @@ The losses are importable from the top level; the training loop, data and comman
 their own modules (``kdistill.trainer``, ``kdistill.data``, ``kdistill.cli``).
 """
 
+from kdistill.fused_linear import fused_linear_kd_loss
 from kdistill.losses import (
     DistillationLoss,
     KDLoss,
@@ -14,6 +15,7 @@ from kdistill.losses import (
     reverse_kd_loss,
 )
 from kdistill.prototxt import PrototxtError, from_prototxt
+from kdistill.sparse import sparse_kd_loss
 
 __version__ = "0.1.0"
 
@@ -23,8 +25,10 @@ __all__ = [
     "PrototxtError",
     "divergence_loss",
     "from_prototxt",
+    "fused_linear_kd_loss",
     "hard_label_loss",
     "jsd_loss",
     "kd_loss",
     "reverse_kd_loss",
+    "sparse_kd_loss",
 ]
