@@ -14,9 +14,10 @@ The same on real checkpoints saved in local directories (any model that loads wi
 ``AutoModelForSequenceClassification``; teacher and student share the tokenizer and the number of
 labels) and a tab-separated file of ``text<TAB>label`` lines::
 
-    python examples/distill_sequence_classifier.py --teacher ./teacher-dir --student ./student-dir \\
-        --train-file train.tsv --eval-file dev.tsv --max-length 128 --batch-size 32 \\
-        --max-steps 2000 --temperature 4.0 --alpha 0.9 --output-dir runs/distilled-classifier
+    python examples/distill_sequence_classifier.py \\
+        --teacher ./teacher-dir --student ./student-dir --train-file train.tsv \\
+        --eval-file dev.tsv --max-length 128 --batch-size 32 --max-steps 2000 \\
+        --temperature 4.0 --alpha 0.9 --output-dir runs/distilled-classifier
 """
 
 from __future__ import annotations
@@ -233,9 +234,8 @@ def main() -> None:
         # The same student, steps and schedule, trained on the labels alone (alpha = 0).
         baseline = new_student()
         distill(baseline, 0.0, f"{args.output_dir}/baseline")
-        print(
-            f"held-out accuracy, student trained on labels only: {accuracy(baseline, held_out, device):.3f}"
-        )
+        baseline_accuracy = accuracy(baseline, held_out, device)
+        print(f"held-out accuracy, student trained on labels only: {baseline_accuracy:.3f}")
 
 
 if __name__ == "__main__":

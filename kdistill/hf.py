@@ -489,7 +489,7 @@ class DistillationTrainer(Trainer):
         student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
         teacher_head = self.teacher_model.get_output_embeddings()
 
-        soft_sum = fused_linear_kd_loss(
+        soft = fused_linear_kd_loss(
             student_hidden,
             student_head.weight,
             teacher_hidden.to(teacher_head.weight.dtype),
@@ -497,13 +497,12 @@ class DistillationTrainer(Trainer):
             student_bias=student_head.bias,
             teacher_bias=teacher_head.bias,
             temperature=self.temperature,
-            normalization="none",
             t_squared=self.t_squared,
             chunk_size=self.fused_chunk_size,
             divergence=self.divergence,
             beta=self.beta,
-        )
-        soft = soft_sum.float() / normalizer
+            normalizer=normalizer,
+        ).float()
         if self.alpha < 1.0:
             hard_sum = _linear_cross_entropy_sum(
                 student_hidden,
