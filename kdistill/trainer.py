@@ -235,6 +235,7 @@ def fit(
     run_dir: str | Path,
     *,
     teacher: nn.Module | None = None,
+    teacher_cache: Any = None,
     temperature: float = 1.0,
     alpha: float = 0.0,
     use_labels: bool = True,
@@ -252,6 +253,9 @@ def fit(
         config: optimizer, schedule, epochs, batch size, jitter, seed, checkpointing.
         run_dir: folder for checkpoints, metrics and the plot.
         teacher: a trained model; frozen, in eval mode, run under ``no_grad`` on each batch.
+        teacher_cache: a :class:`kdistill.teacher_cache.TeacherCache` of the teacher's logits on
+            ``train_set`` (in its order), read instead of running ``teacher``; needs
+            ``config.jitter == 0``.
         temperature: softening temperature of the soft targets.
         alpha: weight of the soft term (needs a teacher); ``1 - alpha`` weighs the labels.
         use_labels: False trains on the teacher's soft targets only (needs ``alpha == 1``);
@@ -277,7 +281,9 @@ def fit(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if alpha > 0 and teacher is None:
+    if teacher_cache is not None:
+        teacher_cache.check_training(len(dataset_tensors(train_set)[0]), config.jitter)
+    if alpha > 0 and teacher is None and teacher_cache is None:
         raise ValueError(f"alpha is {alpha} but no teacher was given")
     if not use_labels and alpha != 1.0:
         raise ValueError(f"training without labels needs alpha == 1, got alpha={alpha}")
@@ -366,7 +372,9 @@ def fit(
                 labels = train_y[index] if use_labels else None
 
                 teacher_logits = None
-                if teacher is not None:
+                if teacher_cache is not None:
+                    teacher_logits = teacher_cache.logits(index)
+                elif teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(x)
                 lr = learning_rate(global_step, total_steps, config)

@@ -139,3 +139,58 @@ def test_training_with_jitter_is_refused(setup):
         cache.check_training(23, jitter=2)
     with pytest.raises(ValueError, match="holds 23 examples"):
         cache.check_training(24)
+
+
+def test_trainer_distilling_from_the_cache_equals_running_the_teacher(tmp_path):
+    from safetensors.torch import save_file
+    from torch.utils.data import TensorDataset
+
+    from kdistill.config import TrainConfig
+    from kdistill.trainer import fit
+
+    gen = torch.Generator().manual_seed(1)
+    train = TensorDataset(torch.rand(40, 1, 4, 4, generator=gen), torch.randint(0, 5, (40,)))
+    test = TensorDataset(torch.rand(10, 1, 4, 4, generator=gen), torch.randint(0, 5, (10,)))
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    checkpoint = tmp_path / "teacher.safetensors"
+    save_file(teacher.state_dict(), checkpoint)
+    cache = build_teacher_cache(
+        teacher,
+        train,
+        tmp_path / "cache",
+        teacher_checkpoint=checkpoint,
+        dataset_name="toy",
+        dtype="float32",
+    )
+    config = TrainConfig(epochs=2, batch_size=8, seed=3)
+
+    def student_weights(**source):
+        torch.manual_seed(5)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+        fit(
+            student,
+            train,
+            test,
+            config,
+            tmp_path / str(len(source)) / next(iter(source)),
+            temperature=3.0,
+            alpha=0.7,
+            **source,
+        )
+        return student[1].weight.detach().clone()
+
+    torch.testing.assert_close(
+        student_weights(teacher_cache=cache), student_weights(teacher=teacher)
+    )
+
+    with pytest.raises(ValueError, match="deterministic teacher inputs"):
+        fit(
+            nn.Sequential(nn.Flatten(), nn.Linear(16, 5)),
+            train,
+            test,
+            TrainConfig(epochs=1, batch_size=8, jitter=1),
+            tmp_path / "jitter",
+            teacher_cache=cache,
+            alpha=0.5,
+        )
