@@ -463,6 +463,21 @@ def _builtin_commands() -> None:
     register_command(
         "demo", "a few-minute demonstration of distillation on MNIST", _add_demo, _demo
     )
+    register_command(
+        "bench", "time and measure the fused loss against plain PyTorch", _add_bench, _bench
+    )
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    from kdistill.bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kdistill.bench import run
+
+    return run(args)
 
 
 _builtin_commands()
