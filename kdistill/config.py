@@ -62,6 +62,8 @@ class TrainConfig:
         seed: seeds initialisation, data order, dropout and jitter.
         checkpoint_every: also checkpoint every this many steps (0: only at epoch ends).
         eval_batch_size: batch size for evaluation.
+        precision: ``"fp32"``, or ``"bf16"`` for bfloat16 autocast of the teacher and student
+            forward passes (the loss is always computed in float32).
     """
 
     epochs: int = 10
@@ -76,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     eval_batch_size: int = 1000
+    precision: str = "fp32"
 
 
 @dataclass
@@ -141,6 +144,7 @@ class ExperimentConfig:
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("onecycle", "cosine", "constant"),
+    "precision": ("fp32", "bf16"),
     "name": ("mnist", "fashion-mnist"),
 }
 _POSITIVE = {"epochs", "batch_size", "lr", "eval_batch_size", "temperature"}

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -151,12 +152,13 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int = 1000) -> dict[str
         ``{"errors": int, "accuracy": float, "loss": float, "count": int}``.
     """
     x, y = dataset_tensors(dataset)
+    device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     errors, loss_sum = 0, 0.0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device))
+        target = y[start : start + batch_size].to(device)
         errors += int((logits.argmax(1) != target).sum())
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
     model.train(was_training)
@@ -212,6 +214,8 @@ class _StopFlag:
 
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    if not distributed.context().is_main:
+        return
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -297,6 +301,13 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
     criterion = DistillationLoss(temperature=temperature, alpha=alpha)
+    dist_ctx = distributed.context()
+    student.to(dist_ctx.device)
+    if teacher is not None:
+        teacher.to(dist_ctx.device)
+    model = distributed.wrap_model(student, dist_ctx)
+    if not dist_ctx.is_main:
+        progress = None
     optimizer = make_optimizer(student, config)
     jitter_generator = torch.Generator().manual_seed(config.seed + 7919)
     metrics_path, last_path = run_dir / "metrics.jsonl", run_dir / "last.safetensors"
@@ -338,6 +349,9 @@ def fit(
     atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     def checkpoint() -> None:
+        if not dist_ctx.is_main:
+            distributed.barrier(dist_ctx)
+            return
         save_checkpoint(
             last_path,
             {
@@ -356,6 +370,7 @@ def fit(
                 "signature": signature,
             },
         )
+        distributed.barrier(dist_ctx)
 
     # Train.
     if progress:
@@ -370,17 +385,29 @@ def fit(
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 x = random_shift(train_x[index], config.jitter, jitter_generator)
                 labels = train_y[index] if use_labels else None
+                # This process's part of the global batch (all of it for a single process).
+                part = distributed.shard(len(index), dist_ctx)
+                x = x[part].to(dist_ctx.device)
+                labels = labels[part].to(dist_ctx.device) if labels is not None else None
 
                 teacher_logits = None
                 if teacher_cache is not None:
-                    teacher_logits = teacher_cache.logits(index)
+                    teacher_logits = teacher_cache.logits(index[part]).to(dist_ctx.device)
                 elif teacher is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), distributed.autocast(config.precision, dist_ctx.device):
                         teacher_logits = teacher(x)
                 lr = learning_rate(global_step, total_steps, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = criterion(student(x), teacher_logits, labels)
+                with distributed.autocast(config.precision, dist_ctx.device):
+                    student_logits = model(x)
+                # The loss in float32, normalised by the global batch (see kdistill.distributed).
+                loss = criterion(
+                    student_logits.float(),
+                    teacher_logits.float() if teacher_logits is not None else None,
+                    labels,
+                    normalizer=distributed.local_normalizer(len(index), dist_ctx),
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -389,9 +416,12 @@ def fit(
 
                 step += 1
                 global_step += 1
-                loss_sum += float(loss.detach())
+                step_loss, stop.signum = distributed.reduce_step(
+                    loss.detach(), stop.signum, dist_ctx
+                )
+                loss_sum += step_loss
                 if progress:
-                    progress({"event": "step", "loss": float(loss.detach()), "lr": lr})
+                    progress({"event": "step", "loss": step_loss, "lr": lr})
                 limit_hit = stop_after_steps is not None and global_step >= stop_after_steps
                 periodic = config.checkpoint_every and global_step % config.checkpoint_every == 0
                 if stop.signum is not None or limit_hit:
@@ -401,7 +431,9 @@ def fit(
                     checkpoint()
 
             # Evaluate, record, checkpoint.
-            scores = evaluate(student, test_set, config.eval_batch_size)
+            scores = distributed.evaluate_sharded(
+                evaluate, student, test_set, config.eval_batch_size, dist_ctx
+            )
             epoch += 1
             record = {
                 "name": name,
@@ -415,10 +447,11 @@ def fit(
                 "epoch_seconds": time.perf_counter() - epoch_started,
             }
             history.append(record)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            if dist_ctx.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
             if best_errors < 0 or scores["errors"] < best_errors:
                 best_errors, best_epoch = scores["errors"], epoch
                 _save_weights(student, run_dir / "best.safetensors", {"epoch": str(epoch)})
@@ -439,9 +472,15 @@ def fit(
 
     # Finish: final weights, plot, result.
     _save_weights(student, run_dir / "model.safetensors", {"epochs": str(epoch)})
-    if history:
+    if history and dist_ctx.is_main:
         plot_history(history, run_dir / "curve.png", title=f"{name}: test errors")
-    final = history[-1] if history else evaluate(student, test_set, config.eval_batch_size)
+    final = (
+        history[-1]
+        if history
+        else distributed.evaluate_sharded(
+            evaluate, student, test_set, config.eval_batch_size, dist_ctx
+        )
+    )
     result = FitResult(
         run_dir=run_dir,
         errors=int(final["test_errors"]) if history else int(final["errors"]),
@@ -452,5 +491,7 @@ def fit(
         wall_time=seconds_before + time.perf_counter() - started,
         history=history,
     )
-    atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    if dist_ctx.is_main:
+        atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    distributed.barrier(dist_ctx)
     return result
