@@ -42,31 +42,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "mnist"},
         "teacher": {
             "model": "hinton-teacher",
-            "train": {"epochs": 90, "lr": 0.1, "jitter": 2, "seed": 1},
+            "train": {"epochs": 50, "lr": 0.1, "jitter": 2, "seed": 1},
         },
         "student": {"model": "hinton-student", "train": {"epochs": 40, "lr": 0.05, "seed": 2}},
         "distill": {
             "temperature": 20.0,
             "alpha": 0.9,
-            "train": {"epochs": 60, "lr": 0.05, "seed": 3},
+            "train": {"epochs": 40, "lr": 0.05, "seed": 3},
         },
     },
     "demo": {
         "data": {"name": "mnist", "labeled": 1000},
         "teacher": {
             "model": "mlp",
-            "kwargs": {"hidden": [800, 800], "input_dropout": 0.1, "dropout": 0.3},
-            "train": {"epochs": 8, "lr": 0.1, "batch_size": 128, "seed": 1},
+            "kwargs": {"hidden": [1200, 1200], "dropout": 0.3},
+            "train": {"epochs": 3, "lr": 0.1, "seed": 1},
         },
         "student": {
-            "model": "mlp",
-            "kwargs": {"hidden": [400, 400]},
-            "train": {"epochs": 60, "lr": 0.05, "batch_size": 100, "seed": 2},
+            "model": "hinton-student",
+            "train": {"epochs": 50, "lr": 0.05, "batch_size": 100, "seed": 2},
         },
         "distill": {
             "temperature": 4.0,
             "alpha": 1.0,
-            "train": {"epochs": 4, "lr": 0.05, "batch_size": 128, "seed": 3},
+            "train": {"epochs": 3, "lr": 0.05, "seed": 3},
         },
     },
 }
@@ -123,6 +122,22 @@ def load_teacher(config: ExperimentConfig, run_dir: Path) -> nn.Module:
     return teacher
 
 
+def phase_signature(config: ExperimentConfig, phase: str) -> dict[str, Any]:
+    """The parts of ``config`` that decide what ``phase`` computes.
+
+    A finished or stopped phase is reused only when these match, so changing, say, the
+    distillation settings does not retrain the teacher.
+    """
+    values = config.to_dict()
+    data = {k: v for k, v in values["data"].items() if k != "root"}
+    if phase == "teacher":
+        return {"data": {"name": data["name"]}, "teacher": values["teacher"]}
+    if phase == "student":
+        return {"data": data, "student": values["student"]}
+    models = {k: {"model": values[k]["model"], "kwargs": values[k]["kwargs"]} for k in PHASES[:2]}
+    return {"data": data, "models": models, "init": values["student"]["init"], **values["distill"]}
+
+
 def run_phase(
     config: ExperimentConfig,
     phase: str,
@@ -165,7 +180,12 @@ def run_phase(
         )
     record = {"phase": phase, "experiment": config.to_dict()}
     config_path = phase_dir / "config.json"
-    same_config = config_path.is_file() and json.loads(config_path.read_text()) == record
+    same_config = False
+    if config_path.is_file():
+        saved_phase, saved = read_phase_config(phase_dir)
+        same_config = saved_phase == phase and phase_signature(saved, phase) == phase_signature(
+            config, phase
+        )
     if resume is None:
         result_path = phase_dir / "result.json"
         if same_config and result_path.is_file():
