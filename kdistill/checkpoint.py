@@ -3,7 +3,9 @@
 A checkpoint is one ``.safetensors`` file. Its tensors are the model weights (``model.*``), the
 optimizer state (``optim.*``) and the random generators' states (``rng.*``); everything else
 (epoch, step, hyperparameters, Python's random state) is JSON in the file's metadata. Reading it
-never unpickles anything, so a crafted file cannot run code.
+never unpickles anything, so a crafted file cannot run code. A SHA-256 over the tensors and that
+JSON, also in the metadata, is checked on every load, so a damaged file is refused instead of
+trained on.
 
 Files are written atomically: to a temporary file in the same folder, flushed and fsynced,
 renamed over the target with :func:`os.replace`, and the folder fsynced. A crash leaves either
@@ -25,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from kdistill.safeio import DIGEST_KEY, tensors_digest, verify_tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +190,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
     tensors: dict[str, Tensor] = {}
     skeleton = _flatten(state, "", tensors)
-    payload = save(tensors, metadata={"format": FORMAT, "state": json.dumps(skeleton)})
+    state_json = json.dumps(skeleton)
+    metadata = {
+        "format": FORMAT,
+        "state": state_json,
+        DIGEST_KEY: tensors_digest(tensors, state_json),
+    }
+    payload = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
     logger.debug("wrote checkpoint %s (%d tensors)", path, len(tensors))
 
@@ -211,6 +221,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                     f"{path} is not a kdistill checkpoint (format {metadata.get('format')!r})"
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        verify_tensors_digest(tensors, metadata, metadata["state"])
         return _unflatten(json.loads(metadata["state"]), tensors)
     except CheckpointError:
         raise

@@ -159,9 +159,15 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
         raise ModelError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            state = load_file(str(path))
+            from kdistill.safeio import verify_tensors_digest
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            # Files kdistill wrote carry a digest (checkpoints over their JSON state too).
+            verify_tensors_digest(state, metadata, metadata.get("state", ""), required=False)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any parse failure of a foreign file is the file's fault

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -439,8 +438,24 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CorruptTeacherCacheError(f"{manifest_path} lacks fields {missing or ['dataset.*']}")
     if manifest["kind"] not in ("logits", "topk") or manifest["dtype"] not in _DTYPES:
         raise CorruptTeacherCacheError(f"{manifest_path} has an unknown kind or dtype")
-    if not isinstance(manifest["shape"], list) or len(manifest["shape"]) != 2:
+    shape = manifest["shape"]
+    if not isinstance(shape, list) or len(shape) != 2:
         raise CorruptTeacherCacheError(f"{manifest_path} has a malformed shape")
-    if math.prod(manifest["shape"]) < 0:
-        raise CorruptTeacherCacheError(f"{manifest_path} has a negative shape")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CorruptTeacherCacheError(
+            f"{manifest_path} has shape {shape}; expected two non-negative integers"
+        )
+    # Only the data files of the recorded kind, each with a SHA-256: a manifest cannot point
+    # the loader at other files.
+    names = {"logits.npy"} if manifest["kind"] == "logits" else {"values.npy", "indices.npy"}
+    files = manifest["files"]
+    if (
+        not isinstance(files, dict)
+        or set(files) != names
+        or not all(isinstance(h, str) and len(h) == 64 for h in files.values())
+    ):
+        raise CorruptTeacherCacheError(
+            f"{manifest_path} lists files {files!r}; a {manifest['kind']} cache has exactly "
+            f"{sorted(names)}, each with a SHA-256"
+        )
     return manifest
