@@ -53,6 +53,7 @@ from kdistill.checkpoint import (
 from kdistill.config import TrainConfig
 from kdistill.losses import DistillationLoss
 from kdistill.models import random_shift
+from kdistill.safeio import DIGEST_KEY, tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Non
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = save(state, metadata=metadata)
+    payload = save(state, metadata={**metadata, DIGEST_KEY: tensors_digest(state)})
     atomic_write(path, lambda f: f.write(payload))
 
 
