@@ -3,10 +3,11 @@
 Every timing is taken side by side in one process: each case is set up, run ``warmup`` times, then
 ``repeat`` times, and the median is reported (compile time, the first call's excess over the
 median, separately). Peak memory is measured in a fresh subprocess per case, as the peak resident
-set size during one call (after a warm-up) minus the resident size just before it, so that the
+set size during one call minus the resident size just before it, so that the
 inputs, the imported libraries and any compiled code are not counted; the gradient the call
-leaves behind is. On Linux the peak is reset through ``/proc/self/clear_refs``; elsewhere the
-warm-up is skipped and ``ru_maxrss`` is used.
+leaves behind is. Only the compiled cases get a warm-up call there (to compile). On Linux the
+peak is reset through ``/proc/self/clear_refs`` just before the measured call; elsewhere the
+``ru_maxrss`` delta is used.
 
 Cases:
 
@@ -329,8 +330,8 @@ def measure_memory_here(name: str, sizes: Sizes, workdir: Path) -> dict[str, Any
     """Extra peak resident memory of one call of ``name``, in this process (see module doc)."""
     step = setup_case(name, sizes, workdir)
     can_reset = _reset_peak()
-    if can_reset or name in COMPILED_CASES:
-        step()  # warm-up: compiled code, kernels and lazily-built state are not the call's cost
+    if name in COMPILED_CASES:
+        step()  # warm-up: compilation is not the call's cost
     gc.collect()
     if can_reset:
         baseline = _status_kib("VmRSS")
