@@ -127,7 +127,8 @@ def applies(student_logits: Tensor, axis: int, divergence: str) -> bool:
 
     The fused path applies to CPU and CUDA floating-point tensors with at least
     ``MIN_FUSED_NUMEL`` elements whose softmax axis is the last one (or is followed only by
-    dimensions of size 1), so the rows can be viewed as ``(rows, classes)`` without a copy. The
+    dimensions of size 1), so the rows can be viewed as ``(rows, classes)`` without a copy, and
+    on CPU only when the native kernel is available. The
     fused path cannot be differentiated twice; double backward needs
     ``implementation="reference"``.
 
@@ -147,9 +148,11 @@ def applies(student_logits: Tensor, axis: int, divergence: str) -> bool:
         return False
     if student_logits.numel() < MIN_FUSED_NUMEL:
         return False
-    if math.prod(student_logits.shape[axis + 1 :]) != 1:
+    if math.prod(student_logits.shape[axis + 1 :]) != 1 or not student_logits.is_contiguous():
         return False
-    return student_logits.is_contiguous()
+    # Without the native kernel the PyTorch engine still saves memory but is slower than the
+    # reference on CPU, so "auto" keeps the reference there.
+    return student_logits.device.type == "cuda" or native_available()
 
 
 # --------------------------------------------------------------------------------------------

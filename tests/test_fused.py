@@ -207,6 +207,7 @@ def test_no_compile_env_falls_back_to_the_torch_engine(monkeypatch, caplog):
     _fused_kernel.reset()
     try:
         assert not fused.native_available()
+        assert not fused.applies(torch.randn(64, 1024), 1, "forward_kl")
         student, teacher = torch.randn(5, 70), torch.randn(5, 70)
         fused_loss = kd_loss(student, teacher, implementation="fused")
         torch.testing.assert_close(
