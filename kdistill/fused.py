@@ -61,18 +61,21 @@ _NATIVE_VARIANT = {
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)
 _pool_lock = threading.Lock()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
+    # Keyed by process id too: a forked child (a DataLoader worker) inherits the pool object but
+    # not its threads, and would wait forever on it.
+    key = (os.getpid(), workers)
     with _pool_lock:
-        if _pool is None or _pool_size != workers:
-            if _pool is not None:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdistill-fused")
-            _pool_size = workers
+            _pool_key = key
         return _pool
 
 

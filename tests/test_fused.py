@@ -246,3 +246,19 @@ def test_divergence_rows_rejects_mismatched_inputs():
         fused.divergence_rows(torch.randn(3, 4), torch.randn(3, 4), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown divergence"):
         fused.divergence_rows(torch.randn(3, 4), torch.randn(3, 4), divergence="tv")
+
+
+def test_fused_works_in_a_forked_child_after_use_in_the_parent():
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method")
+    student, teacher = torch.randn(64, 700), torch.randn(64, 700)
+    expected = kd_loss(student, teacher, implementation="fused")
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_fused_loss_in_child, (student, teacher)).get(timeout=60)
+    assert got == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _fused_loss_in_child(student, teacher):
+    return kd_loss(student, teacher, implementation="fused").item()
