@@ -498,8 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdistill`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kdistill.distributed import distributed_session
+
     try:
-        return COMMANDS[args.command].run(args)
+        # Under torchrun: join the process group; only rank 0 prints and writes files.
+        with distributed_session():
+            return COMMANDS[args.command].run(args)
     except _user_errors() as err:
         print(f"kdistill: error: {err}", file=sys.stderr)
         return EXIT_USAGE

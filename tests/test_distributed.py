@@ -49,6 +49,24 @@ PROBLEM = textwrap.dedent(
         return TensorDataset(x[:23], y[:23]), TensorDataset(x[23:], y[23:])
 
 
+    CLI_CONFIG = "tiny.toml"
+    TINY_TOML = '''
+    [data]
+    name = "mnist"
+    [teacher]
+    model = "mlp"
+    kwargs = { hidden = [16] }
+    train = { epochs = 2, lr = 0.1, seed = 1, batch_size = 25 }
+    [student]
+    model = "mlp"
+    kwargs = { hidden = [8] }
+    [distill]
+    temperature = 4.0
+    alpha = 0.7
+    train = { epochs = 2, lr = 0.1, seed = 3, batch_size = 25 }
+    '''
+
+
     def make_config(batch_size):
         return TrainConfig(
             epochs=2, batch_size=batch_size, optimizer="sgd", lr=0.2, momentum=0.9,
@@ -75,6 +93,18 @@ WORKER = textwrap.dedent(
         teacher, student = make_model(1, 24), make_model(2, 8)
         fit(student, train, test, make_config(batch_size), f"ddp-{batch_size}",
             teacher=teacher, temperature=2.0, alpha=0.7)
+
+    # The command line in the same process group: train a teacher, then distil it.
+    from kdistill.cli import main
+    from problem import CLI_CONFIG
+
+    TEACHER = "cli-ddp/teacher/model.safetensors"
+    for argv in (
+        ["train-teacher", "--run-dir", "cli-ddp/teacher"],
+        ["distill", "--run-dir", "cli-ddp/distill", "--teacher", TEACHER],
+    ):
+        status = main([*argv, "-c", CLI_CONFIG, "--data-dir", "data", "--no-progress"])
+        assert status == 0, status
     torch.distributed.destroy_process_group()
     """
 )
@@ -93,7 +123,23 @@ def _problem(tmp_path: Path):
     return namespace
 
 
-def _torchrun(tmp_path: Path) -> None:
+def _cli_data(tmp_path: Path, problem: dict) -> None:
+    """120 training and 30 test images in IDX files, and the command line's config."""
+    generator = torch.Generator().manual_seed(5)
+    for prefix, count in (("train", 120), ("t10k", 30)):
+        images = torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (count,), generator=generator, dtype=torch.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.dim()]) + b"".join(
+                d.to_bytes(4, "big") for d in array.shape
+            )
+            path = tmp_path / "data" / "mnist" / f"{prefix}-{kind}-ubyte"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(header + array.numpy().tobytes())
+    (tmp_path / problem["CLI_CONFIG"]).write_text(problem["TINY_TOML"])
+
+
+def _torchrun(tmp_path: Path) -> str:
     """Both batch sizes in one launch (starting the processes is most of the cost)."""
     (tmp_path / "worker.py").write_text(WORKER)
     env = {
@@ -114,34 +160,47 @@ def _torchrun(tmp_path: Path) -> None:
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
-    _problem(tmp_path)
-    _torchrun(tmp_path)
-    return tmp_path
+    _cli_data(tmp_path, _problem(tmp_path))
+    return tmp_path, _torchrun(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """The same training in this one process, for both batch sizes."""
+    tmp_path = tmp_path_factory.mktemp("single")
+    problem = _problem(tmp_path)
+    train, test = problem["make_data"]()
+    runs = {}
+    for batch_size in (7, 5):
+        teacher, student = problem["make_model"](1, 24), problem["make_model"](2, 8)
+        runs[batch_size] = fit(
+            student,
+            train,
+            test,
+            problem["make_config"](batch_size),
+            tmp_path / f"single-{batch_size}",
+            teacher=teacher,
+            temperature=2.0,
+            alpha=0.7,
+        )
+    return runs
 
 
 @pytest.mark.parametrize("batch_size", [7, 5])
-def test_two_gloo_processes_train_the_same_student_as_one(tmp_path, ddp_runs, batch_size):
+def test_two_gloo_processes_train_the_same_student_as_one(
+    tmp_path, ddp_runs, single_runs, batch_size
+):
     problem = _problem(tmp_path)
-    train, test = problem["make_data"]()
-    teacher, student = problem["make_model"](1, 24), problem["make_model"](2, 8)
-    single = fit(
-        student,
-        train,
-        test,
-        problem["make_config"](batch_size),
-        tmp_path / "single",
-        teacher=teacher,
-        temperature=2.0,
-        alpha=0.7,
-    )
+    single = single_runs[batch_size]
 
-    ddp_dir = ddp_runs / f"ddp-{batch_size}"
-    expected = load_file(tmp_path / "single" / "model.safetensors")
+    ddp_dir = ddp_runs[0] / f"ddp-{batch_size}"
+    expected = load_file(single.run_dir / "model.safetensors")
     got = load_file(ddp_dir / "model.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -209,7 +268,7 @@ def test_single_process_context_without_torchrun():
     assert distributed.local_normalizer(0, ctx) == 1.0
 
 
-def test_bf16_autocast_runs_forward_in_bfloat16_and_loss_in_float32(tmp_path):
+def test_bf16_autocast_runs_forward_in_bfloat16_and_loss_in_float32(tmp_path, single_runs):
     layer = nn.Linear(4, 3)
     with distributed.autocast("bf16", torch.device("cpu")):
         out = layer(torch.randn(2, 4))
@@ -221,20 +280,41 @@ def test_bf16_autocast_runs_forward_in_bfloat16_and_loss_in_float32(tmp_path):
 
     problem = _problem(tmp_path)
     train, test = problem["make_data"]()
-    results = {}
-    for precision in ("fp32", "bf16"):
-        config = TrainConfig(**{**problem["make_config"](7).__dict__, "precision": precision})
-        student = problem["make_model"](2, 8)
-        results[precision] = fit(
-            student,
-            train,
-            test,
-            config,
-            tmp_path / precision,
-            teacher=problem["make_model"](1, 24),
-            temperature=2.0,
-            alpha=0.7,
-        )
+    config = TrainConfig(**{**problem["make_config"](7).__dict__, "precision": "bf16"})
+    results = {"fp32": single_runs[7]}
+    results["bf16"] = fit(
+        problem["make_model"](2, 8),
+        train,
+        test,
+        config,
+        tmp_path / "bf16",
+        teacher=problem["make_model"](1, 24),
+        temperature=2.0,
+        alpha=0.7,
+    )
     fp32, bf16 = (results[p].history[-1]["train_loss"] for p in ("fp32", "bf16"))
     assert fp32 != bf16  # the bf16 run really ran in lower precision
     assert bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_torchrun_command_line_matches_one_process_and_prints_once(tmp_path, ddp_runs, monkeypatch):
+    ddp_dir, stdout = ddp_runs
+    # Two commands ran under torchrun; each printed its table once, from rank 0 only.
+    assert stdout.count("weights:") == 2, stdout
+
+    from kdistill.cli import main
+
+    monkeypatch.chdir(ddp_dir)
+    teacher = tmp_path / "teacher" / "model.safetensors"
+    for argv in (
+        ["train-teacher", "--run-dir", f"{tmp_path}/teacher"],
+        ["distill", "--run-dir", f"{tmp_path}/distill", "--teacher", str(teacher)],
+    ):
+        assert main([*argv, "-c", "tiny.toml", "--data-dir", "data", "--no-progress"]) == 0
+    for phase in ("teacher", "distill"):
+        expected = load_file(tmp_path / phase / "model.safetensors")
+        got = load_file(ddp_dir / "cli-ddp" / phase / "model.safetensors")
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+        lines = (ddp_dir / "cli-ddp" / phase / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
