@@ -374,7 +374,9 @@ class _FusedDivergence(torch.autograd.Function):
     """Loss in forward; backward scales the gradient computed there by ``grad_output``."""
 
     @staticmethod
-    def forward(ctx, student, teacher, row_mask, temperature, divergence, beta, scale, engine):
+    def forward(
+        ctx, student, teacher, row_mask, temperature, divergence, beta, scale, engine, grad_mode
+    ):
         scale_on_device = isinstance(scale, Tensor) and scale.device.type != "cpu"
         coef = 1.0 if scale_on_device else float(scale)
         row_loss, grad = divergence_rows(
@@ -385,7 +387,8 @@ class _FusedDivergence(torch.autograd.Function):
             divergence=divergence,
             beta=beta,
             grad_coef=coef / temperature,
-            need_grad=ctx.needs_input_grad[0],
+            # needs_input_grad is set even under torch.no_grad(); the grad mode is passed in.
+            need_grad=ctx.needs_input_grad[0] and grad_mode,
             engine=engine,
         )
         out_dtype = compute_dtype(student.dtype)
@@ -417,7 +420,7 @@ class _FusedDivergence(torch.autograd.Function):
         )
         if not unit:
             grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_divergence_2d(
@@ -459,5 +462,13 @@ def fused_divergence_2d(
     if os.environ.get("KDISTILL_FUSED_ENGINE"):
         engine = os.environ["KDISTILL_FUSED_ENGINE"]
     return _FusedDivergence.apply(
-        student2d, teacher2d.detach(), row_mask, temperature, divergence, beta, scale, engine
+        student2d,
+        teacher2d.detach(),
+        row_mask,
+        temperature,
+        divergence,
+        beta,
+        scale,
+        engine,
+        torch.is_grad_enabled(),
     )

@@ -77,10 +77,13 @@ class _FusedLinearDivergence(torch.autograd.Function):
         beta,
         scale,
         chunk_size,
+        grad_mode,
     ):
         tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = student_bias is not None and ctx.needs_input_grad[2]
+        # needs_input_grad is set even under torch.no_grad(); the grad mode is passed in.
+        need_hidden = grad_mode and ctx.needs_input_grad[0]
+        need_weight = grad_mode and ctx.needs_input_grad[1]
+        need_bias = grad_mode and student_bias is not None and ctx.needs_input_grad[2]
         need_any = need_hidden or need_weight or need_bias
         dtype = student_hidden.dtype
         accumulate = fused.compute_dtype(dtype)
@@ -170,7 +173,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         unit = grad_output.device.type == "cpu" and float(grad_output) == 1.0
         if not unit:
             grads = tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_kd_loss(
@@ -316,5 +319,6 @@ def fused_linear_kd_loss(
         beta,
         scale,
         chunk,
+        torch.is_grad_enabled(),
     )
     return loss

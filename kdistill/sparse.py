@@ -140,11 +140,20 @@ def _check_topk(student: Tensor, values: Tensor, indices: Tensor, axis: int) -> 
 class _SparseDivergence(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, student2d, values2d, indices2d, row_mask, temperature, divergence, beta, scale
+        ctx,
+        student2d,
+        values2d,
+        indices2d,
+        row_mask,
+        temperature,
+        divergence,
+        beta,
+        scale,
+        grad_mode,
     ):
         rows, classes = student2d.shape
         student2d = student2d.detach().contiguous()
-        need_grad = ctx.needs_input_grad[0]
+        need_grad = grad_mode and ctx.needs_input_grad[0]  # the flag is set under no_grad too
         grad = fused.empty_like_fast(student2d) if need_grad else None
         step = max(1, _CHUNK_ELEMENTS // max(classes, 1))
         dense = torch.empty(
@@ -179,7 +188,7 @@ class _SparseDivergence(torch.autograd.Function):
         ctx.fused_grad = None
         if not (grad_output.device.type == "cpu" and float(grad_output) == 1.0):
             grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(
@@ -272,5 +281,13 @@ def sparse_kd_loss(
     indices2d = teacher_topk_indices.movedim(axis, -1).reshape(-1, k).long()
     row_mask = None if mask is None else mask.reshape(-1)
     return _SparseDivergence.apply(
-        student2d, values2d, indices2d, row_mask, temperature, divergence, beta, scale
+        student2d,
+        values2d,
+        indices2d,
+        row_mask,
+        temperature,
+        divergence,
+        beta,
+        scale,
+        torch.is_grad_enabled(),
     )

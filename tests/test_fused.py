@@ -262,3 +262,18 @@ def test_fused_works_in_a_forked_child_after_use_in_the_parent():
 
 def _fused_loss_in_child(student, teacher):
     return kd_loss(student, teacher, implementation="fused").item()
+
+
+def test_fused_computes_no_gradient_under_no_grad(monkeypatch):
+    seen = []
+    original = fused.divergence_rows
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["need_grad"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "divergence_rows", spy)
+    student = torch.randn(8, 300, requires_grad=True)
+    with torch.no_grad():
+        loss = kd_loss(student, torch.randn(8, 300), implementation="fused")
+    assert seen == [False] and not loss.requires_grad
