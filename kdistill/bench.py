@@ -126,6 +126,7 @@ def _setup_loss(name: str, sizes: Sizes) -> Callable[[], Any]:
             student.grad = None
             loss_fn(student, teacher, temperature).backward()
 
+        step.clear = lambda: setattr(student, "grad", None)
         return step
 
     data_s, data_t = student.detach(), teacher
@@ -161,6 +162,7 @@ def _setup_linear(name: str, sizes: Sizes) -> Callable[[], Any]:
             teacher_logits = teacher_hidden @ teacher_weight.T
             _plain_loss(student_logits, teacher_logits, temperature).backward()
 
+        step.clear = clear
         return step
     if name == "linear-kdistill":
 
@@ -175,6 +177,7 @@ def _setup_linear(name: str, sizes: Sizes) -> Callable[[], Any]:
                 normalization="full",
             ).backward()
 
+        step.clear = clear
         return step
     if name in ("linear-liger", "linear-liger-compiled"):
         try:
@@ -196,6 +199,7 @@ def _setup_linear(name: str, sizes: Sizes) -> Callable[[], Any]:
             clear()
             liger(student_hidden, student_weight, teacher_hidden, teacher_weight, labels).backward()
 
+        step.clear = clear
         return step
     if name == "linear-4-matmuls":
         grad_logits = torch.randn(n, v, generator=gen)
@@ -332,6 +336,8 @@ def measure_memory_here(name: str, sizes: Sizes, workdir: Path) -> dict[str, Any
     can_reset = _reset_peak()
     if name in COMPILED_CASES:
         step()  # warm-up: compilation is not the call's cost
+    # Drop the gradients a warm-up left, so the measured call's own gradient counts.
+    getattr(step, "clear", lambda: None)()
     gc.collect()
     if can_reset:
         baseline = _status_kib("VmRSS")
