@@ -364,9 +364,10 @@ def divergence_rows(
             _run_native(kernel, *args)
         else:
             _run_torch(*args)
-    elif grad is not None:
-        grad.zero_()
+    else:
         row_loss.zero_()
+        if grad is not None:
+            grad.zero_()
     return row_loss, grad
 
 
