@@ -108,6 +108,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set teacher.train.epochs=3 (repeatable)",
     )
     parser.add_argument("--data-dir", type=Path, help="folder with (or for) the dataset files")
+    parser.add_argument(
+        "--offline", action="store_true", help="never download data (fail if it is missing)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -146,10 +149,11 @@ def _load_config(args: argparse.Namespace, base: dict | None = None):
     return load_config(args.config, overrides, base=base)
 
 
-def _load_data(config):
+def _load_data(config, args: argparse.Namespace):
     from kdistill.data import load_dataset
 
-    return load_dataset(config.data.name, config.data.root or None)
+    offline = getattr(args, "offline", False)
+    return load_dataset(config.data.name, config.data.root or None, download=not offline)
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -189,7 +193,7 @@ def _run_phase_command(phase: str, command: str) -> Callable[[argparse.Namespace
                 raise UserError("distill needs the teacher's weights: --teacher PATH")
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = args.run_dir or Path("runs") / f"{phase}-{stamp}"
-        train, test = _load_data(config)
+        train, test = _load_data(config, args)
         bars = ProgressBars(not args.no_progress)
         try:
             result = run_phase(
@@ -238,6 +242,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kwargs", default="{}", help="model factory arguments as JSON")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--data-dir", type=Path, help="folder with the dataset files")
+    parser.add_argument("--offline", action="store_true", help="never download data")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -266,7 +271,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         model_name, kwargs = spec.model, spec.kwargs
     model = build_model(model_name, kwargs)
     load_state(model, load_weights_file(weights), weights)
-    _, test = load_dataset(args.dataset, args.data_dir)
+    _, test = load_dataset(args.dataset, args.data_dir, download=not args.offline)
     scores = evaluate(model, test)
     _print_table(
         [[str(weights), scores["errors"], f"{100 * scores['accuracy']:.2f}%", scores["count"]]],
@@ -325,7 +330,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     config = _load_config(args, base=PRESETS[args.experiment])
     run_dir = args.run_dir or Path("runs") / args.experiment
     started = time.perf_counter()
-    train, test = _load_data(config)
+    train, test = _load_data(config, args)
     try:
         if args.only:
             from kdistill.reproduce import run_phase
@@ -392,7 +397,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = _load_config(args, base=PRESETS["demo"])
     started = time.perf_counter()
     print("kdistill demo: distillation with a transfer set on MNIST", flush=True)
-    train, test = _load_data(config)
+    train, test = _load_data(config, args)
     key = config_digest({"data": config.data.name, "teacher": config.to_dict()["teacher"]})
     teacher_dir = default_cache_dir() / "teachers" / f"demo-{key}"
     if (teacher_dir / "result.json").is_file():
