@@ -153,6 +153,7 @@ def main() -> None:
         disable_tqdm=True,
         seed=args.seed,
         bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
         lr_scheduler_type="cosine",
         warmup_steps=10,
     )

@@ -151,6 +151,7 @@ def main() -> None:
         dataloader_pin_memory=False,
         seed=args.seed,
         bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
         lr_scheduler_type="cosine",
         warmup_steps=10,
     )

@@ -318,3 +318,12 @@ def test_torchrun_command_line_matches_one_process_and_prints_once(tmp_path, ddp
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
         lines = (ddp_dir / "cli-ddp" / phase / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread only adds synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +363,37 @@ def test_importing_kdistill_does_not_import_transformers():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def _load_example(name: str):
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("distill_causal_lm", ["--fused-linear"]),
+        ("distill_sequence_classifier", ["--examples", "40", "--baseline"]),
+    ],
+)
+def test_examples_run_offline_end_to_end(tmp_path, monkeypatch, capsys, name, extra):
+    example = _load_example(name)
+    argv = [name, "--max-steps", "2", "--teacher-steps", "2", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, *extra])
+    example.main()
+    printed = capsys.readouterr().out
+    assert "student after" in printed
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread only adds synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
