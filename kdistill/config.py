@@ -169,6 +169,8 @@ def _check_value(where: str, name: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{where} must be > 0, got {value}")
         if name in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{where} must be >= 0, got {value}")
+        if name in ("seed", "labeled_seed") and value >= 2**32:
+            raise ConfigError(f"{where} must be below 2**32, got {value}")
     if name == "alpha" and not 0.0 <= value <= 1.0:
         raise ConfigError(f"{where} must be in [0, 1], got {value}")
     if name == "warmup" and not 0.0 <= value < 1.0:
@@ -258,6 +260,8 @@ def load_config(
             text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from err
         try:
             values = _merge(values, tomllib.loads(text))
         except tomllib.TOMLDecodeError as err:
