@@ -208,7 +208,8 @@ class DistillationTrainer(Trainer):
 
     Raises:
         ValueError: If the teacher is missing, the settings are out of range, the two models
-            carry different heads, or their vocabularies (numbers of labels) differ.
+            carry different heads, or their vocabularies (numbers of labels) differ; also for
+            a ``compute_loss_func`` or ``label_smoothing_factor``, which would be ignored.
 
     Example:
         >>> trainer = DistillationTrainer(  # doctest: +SKIP
@@ -283,6 +284,15 @@ class DistillationTrainer(Trainer):
                         f"fused_linear=True needs a {role} whose forward takes logits_to_keep; "
                         f"{type(m).__name__} does not"
                     )
+
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("DistillationTrainer computes its own loss; drop compute_loss_func")
+        if getattr(args, "label_smoothing_factor", 0.0):
+            # The hard-label term is plain cross-entropy; smoothing would silently be ignored.
+            raise ValueError(
+                "label_smoothing_factor is not supported by DistillationTrainer, got "
+                f"{args.label_smoothing_factor}; the teacher's soft targets play that part"
+            )
 
         super().__init__(model=model, args=args, **kwargs)
 

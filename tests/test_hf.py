@@ -314,6 +314,12 @@ def test_plain_training_arguments_take_distillation_keywords(tmp_path):
         "jsd",
         0.3,
     )
+    with pytest.raises(ValueError, match="label_smoothing_factor is not supported"):
+        DistillationTrainer(
+            model=causal_lm(16, seed=2),
+            teacher_model=causal_lm(32, seed=1),
+            args=training_args(tmp_path, label_smoothing_factor=0.1),
+        )
     with pytest.raises(ValueError, match="divergence must be one of"):
         DistillationTrainer(
             model=causal_lm(16, seed=2),
