@@ -169,6 +169,7 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
             # Files kdistill wrote carry a digest (checkpoints over their JSON state too).
             verify_tensors_digest(state, metadata, metadata.get("state", ""), required=False)
         else:
+            metadata = {}
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any parse failure of a foreign file is the file's fault
         raise ModelError(f"cannot read weights from {path}: {err}") from err
@@ -176,7 +177,8 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    if any(k.startswith("model.") for k in state) and any(k.startswith("optim.") for k in state):
+    if path.suffix == ".safetensors" and metadata.get("format") == "kdistill-checkpoint-1":
+        # A training checkpoint (kdistill.checkpoint.FORMAT): its model.* entries are the weights.
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return state
 

@@ -93,3 +93,14 @@ def test_torch_weights_files_are_read_without_unpickling_code(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(MLP(hidden=(4,)).state_dict(), good)
     load_state(MLP(hidden=(4,)), load_weights_file(good), good)
+
+
+def test_a_training_checkpoint_serves_as_a_weights_file(tmp_path):
+    from kdistill.checkpoint import save_checkpoint
+
+    model = MLP(hidden=(4,))
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, {"model": model.state_dict(), "optim": {"state": {}}, "progress": {}})
+    state = load_weights_file(path)
+    assert set(state) == set(model.state_dict())
+    load_state(MLP(hidden=(4,)), state, path)
