@@ -14,6 +14,7 @@ the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -42,12 +43,16 @@ class CheckpointError(RuntimeError):
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     """Write a file so that a crash leaves either the old content or the new, never a mix.
 
+    A temporary file left by an earlier process that was killed mid-write is removed first.
+
     Args:
         path: the destination file.
         write: called with a binary file object open on a temporary file in the same folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -8,7 +8,7 @@ checkpoint write until the test acts), and resumed with ``kdistill distill --res
 2. SIGKILL while a checkpoint is being written (temporary file complete, not yet renamed);
 3. SIGTERM: the process saves, prints how to resume, and exits.
 
-A separate run is stopped by SIGINT (Ctrl-C) the same way.
+A separate run of the command line, inside the test process, is stopped by SIGINT (Ctrl-C).
 
 A second, uninterrupted run with the same configuration runs alongside. The resumed run's
 final student, optimizer state and per-epoch metrics must equal it bit for bit.
@@ -16,12 +16,15 @@ final student, optimizer state and per-epoch metrics must equal it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +149,43 @@ def _hold_at(root: Path, args: list[str], write: int, stage: str):
     return process, marker
 
 
+def _run_here_with_signal(root: Path, args: list[str], write: int, signum: int) -> tuple[int, str]:
+    """Run the CLI in this process; at the ``write``-th checkpoint, send ``signum`` to it."""
+    from kdistill import checkpoint, cli
+
+    marker = root / f"pause-here-{time.monotonic_ns()}"
+    saved = {k: os.environ.get(k) for k in ("KDISTILL_TEST_PAUSE", "KDISTILL_DATA_DIR")}
+    threads = torch.get_num_threads()
+
+    def deliver() -> None:
+        deadline = time.monotonic() + GUARD_SECONDS
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # the handler runs at the held loop's next check, within 10 ms
+        marker.unlink(missing_ok=True)
+
+    checkpoint._writes_seen.clear()
+    os.environ["KDISTILL_TEST_PAUSE"] = f"last.safetensors:{write}:after-rename:{marker}"
+    os.environ["KDISTILL_DATA_DIR"] = str(root / "cache")
+    helper = threading.Thread(target=deliver, daemon=True)
+    helper.start()
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(["distill", *args, "--threads", "1", "--no-progress"])
+    finally:
+        helper.join(timeout=GUARD_SECONDS)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(threads)
+        checkpoint._writes_seen.clear()
+    return code, stderr.getvalue()
+
+
 def _progress(run_dir: Path) -> tuple[int, int]:
     progress = load_checkpoint(run_dir / "last.safetensors")["progress"]
     return progress["epoch"], progress["step"]
@@ -170,21 +210,20 @@ def interrupted_run(tmp_path_factory):
     resume = ["--resume", str(run_dir)]
     seen: dict[str, object] = {}
 
-    # Alongside the main sequence: the reference run, and a run stopped by SIGINT while held
-    # after its 2nd checkpoint (global step 8); it finishes step 9, saves it and exits.
+    # The reference runs alongside everything else.
     reference = _start(root, [*fresh, str(reference_dir)])
-    sigint, sigint_marker = _start_held(root, [*fresh, str(sigint_dir)], 2, "after-rename")
 
     # 1. SIGKILL just after the 6th checkpoint (global step 20: epoch 2, 5 steps in).
     process, marker = _start_held(root, [*fresh, str(run_dir)], 6, "after-rename")
-    _wait_held(sigint, sigint_marker)
-    sigint.send_signal(signal.SIGINT)
-    sigint_marker.unlink()
+
+    # Meanwhile, in this process: the command line stopped by SIGINT (Ctrl-C) while held after
+    # its 2nd checkpoint (global step 8); it finishes step 9, saves it and returns.
+    code, stderr = _run_here_with_signal(root, [*fresh, str(sigint_dir)], 2, signal.SIGINT)
+    seen["int"] = (code, stderr, _progress(sigint_dir), sigint_dir)
+
     _wait_held(process, marker)
     process.send_signal(signal.SIGKILL)
     seen["kill1"] = (_finish(process)[0], _progress(run_dir))
-    code, _, stderr = _finish(sigint)
-    seen["int"] = (code, stderr, _progress(sigint_dir), sigint_dir)
 
     # 2. SIGKILL in the middle of writing the end-of-epoch-2 checkpoint (the 3rd write after
     #    resuming, global step 30): the temporary file is complete, the rename not yet done.
@@ -226,6 +265,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(interrupt
     # and produce it again, so the final metrics have each epoch exactly once.
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert [m["epoch"] for m in _metrics(run_dir)] == [1, 2, 3]
+    # The next write of the checkpoint cleared the torn temporary file away.
+    assert not list(run_dir.glob(".last.safetensors.*.tmp"))
 
 
 @pytest.mark.parametrize(
