@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "distill": {
             "temperature": 20.0,
             "alpha": 0.9,
-            "train": {"epochs": 20, "lr": 0.05, "seed": 3},
+            "train": {"epochs": 10, "lr": 0.05, "seed": 3},
         },
     },
     "demo": {
