@@ -277,3 +277,28 @@ def test_fused_computes_no_gradient_under_no_grad(monkeypatch):
     with torch.no_grad():
         loss = kd_loss(student, torch.randn(8, 300), implementation="fused")
     assert seen == [False] and not loss.requires_grad
+
+
+def test_gradient_buffers_are_reused_only_after_autograd_released_them(engine):
+    gen = torch.Generator().manual_seed(11)
+    shape = (1024, 4096)  # 16 MiB: large enough to be pooled
+    teacher = torch.randn(*shape, generator=gen)
+    student = torch.randn(*shape, generator=gen, requires_grad=True)
+    fused.release_cached_memory()
+
+    kd_loss(student, teacher, implementation="fused").backward()
+    first_ptr = student.grad.data_ptr()
+    kept = student.grad.clone()
+    student.grad = None
+    other = torch.randn(*shape, generator=gen, requires_grad=True)
+    kd_loss(other, teacher * 2, implementation="fused").backward()
+    held = other.grad
+    assert held.data_ptr() == first_ptr  # the released buffer came back
+    kd_loss(student, teacher, implementation="fused").backward()
+    assert student.grad.data_ptr() != held.data_ptr()  # a held gradient is never reused
+    torch.testing.assert_close(student.grad, kept)
+
+    reference = other.detach().clone().requires_grad_(True)
+    kd_loss(reference, teacher * 2, implementation="reference").backward()
+    torch.testing.assert_close(held, reference.grad, rtol=2e-5, atol=1e-9)
+    fused.release_cached_memory()
