@@ -358,7 +358,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     plot_comparison(results, run_dir / "curves.png", f"{args.experiment}: test errors")
     record = {"experiment": args.experiment, "phases": summary(results), "seconds": round(wall)}
-    (run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    from kdistill.distributed import context
+
+    if context().is_main:
+        (run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 
     names = {
         "teacher": "teacher 1200-1200",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError, ExperimentConfig, ModelConfig, config_from_dict
 from kdistill.models import build_model, load_state, load_weights_file
@@ -194,7 +195,10 @@ def run_phase(
             return FitResult(**{**values, "run_dir": Path(values["run_dir"])})
         resume = same_config and (phase_dir / "last.safetensors").is_file()
     phase_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
+    # Under torchrun every process decides the above before rank 0 rewrites config.json.
+    distributed.barrier()
+    if distributed.context().is_main:
+        atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
 
     train_set, use_labels = phase_datasets(config, phase, train)
     if phase == "distill":
@@ -248,6 +252,8 @@ def read_phase_config(phase_dir: str | Path) -> tuple[str, ExperimentConfig]:
 
 def plot_comparison(results: dict[str, FitResult], path: Path, title: str) -> None:
     """One PNG with the test-error curves of all phases."""
+    if not distributed.context().is_main:
+        return
     import matplotlib
 
     matplotlib.use("Agg")

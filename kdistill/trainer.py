@@ -341,13 +341,16 @@ def fit(
         seconds_before = p["seconds"]
         logger.info("%s: resuming at epoch %d, step %d", name, epoch + 1, step)
     else:
-        for path in (metrics_path, last_path, run_dir / "result.json"):
-            path.unlink(missing_ok=True)
+        if dist_ctx.is_main:
+            for path in (metrics_path, last_path, run_dir / "result.json"):
+                path.unlink(missing_ok=True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
     history = _read_history(metrics_path, epoch)
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    distributed.barrier(dist_ctx)  # every process has read the files before rank 0 rewrites them
+    if dist_ctx.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     def checkpoint() -> None:
         if not dist_ctx.is_main:
