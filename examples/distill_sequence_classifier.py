@@ -54,8 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--teacher-steps", type=int, default=300, help="offline teacher training")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.9, help="weight of the soft loss")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the soft loss")
     parser.add_argument(
         "--divergence", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"]
     )
