@@ -27,6 +27,7 @@ This module imports ``transformers``; the rest of kdistill never does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -146,8 +147,6 @@ def _output_size(model: nn.Module, task: str) -> int:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
