@@ -228,7 +228,16 @@ def _read_history(path: Path, completed_epochs: int) -> list[dict[str, Any]]:
     """Metrics of the epochs a checkpoint covers (records written after it are dropped)."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                # Torn by a crash while it was appended; its epoch is after the checkpoint.
+                break
+            raise CheckpointError(f"{path} line {number} is not a JSON record: {err}") from err
     return [r for r in records if r["epoch"] <= completed_epochs]
 
 

@@ -324,3 +324,48 @@ def _flatten(tree, prefix: str = "") -> dict:
             out.update(_flatten(value, f"{prefix}.{index}"))
         return out
     return {prefix: tree}
+
+
+def test_resume_tolerates_a_metrics_line_torn_by_a_crash(tmp_path):
+    """A crash while an epoch's record is appended leaves half a line; resuming still works."""
+    from torch.utils.data import TensorDataset
+
+    from kdistill.config import TrainConfig
+    from kdistill.trainer import TrainingInterrupted, fit
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(32, 1, 28, 28, generator=generator), torch.arange(32) % 10)
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=1)
+
+    def student():
+        torch.manual_seed(0)
+        return build_model("mlp", {"hidden": [4]})
+
+    with pytest.raises(TrainingInterrupted):
+        fit(student(), data, data, config, tmp_path, stop_after_steps=6)
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"name": "train", "epoch": 2, "ste')
+
+    result = fit(student(), data, data, config, tmp_path, resume=True)
+
+    assert result.epochs == 2
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
+
+
+def test_resume_refuses_metrics_damaged_before_the_last_line(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from kdistill.checkpoint import CheckpointError
+    from kdistill.config import TrainConfig
+    from kdistill.trainer import TrainingInterrupted, fit
+
+    data = TensorDataset(torch.zeros(16, 1, 28, 28), torch.arange(16) % 10)
+    config = TrainConfig(epochs=2, batch_size=8, seed=1)
+    with pytest.raises(TrainingInterrupted):
+        fit(build_model("mlp", {"hidden": [4]}), data, data, config, tmp_path, stop_after_steps=3)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("{broken\n" + metrics.read_text(), encoding="utf-8")
+
+    with pytest.raises(CheckpointError, match="metrics.jsonl line 1"):
+        fit(build_model("mlp", {"hidden": [4]}), data, data, config, tmp_path, resume=True)
