@@ -313,6 +313,10 @@ class DistillationTrainer(Trainer):
             beta=self.beta,
         )
 
+        # Trainers that predate loss_is_scaled_for_ga read this flag instead: the loss below
+        # is already normalised over the accumulated batch whenever the global count is given.
+        self.model_accepts_loss_kwargs = True
+
         self.teacher_model = teacher_model
         if getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model.to(self.args.device)
@@ -370,7 +374,7 @@ class DistillationTrainer(Trainer):
         return self._target_labels(inputs).ne(IGNORE_INDEX).sum()
 
     def get_batch_samples(
-        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device | None = None
     ) -> tuple[list, torch.Tensor | None]:
         """Fetch the micro-batches of one optimizer step and count their valid positions.
 
@@ -384,6 +388,7 @@ class DistillationTrainer(Trainer):
             except StopIteration:
                 break
 
+        device = device if device is not None else self.args.device
         count = torch.zeros((), dtype=torch.int64, device=device)
         for batch in batch_samples:
             count = count + self.count_valid_positions(batch).to(device)
