@@ -589,3 +589,21 @@ def test_randomly_damaged_weights_file_is_refused_or_loads_unchanged(weights, da
         assert _same_tree(state, expected), "a damaged weights file loaded with different content"
     finally:
         weights.write_bytes(original)
+
+
+@DAMAGE
+@given(data=st.data())
+def test_randomly_damaged_teacher_cache_is_refused_or_reads_the_same_logits(teacher_cache, data):
+    path, expected = teacher_cache
+    reference = TeacherCache.open(path, **expected).logits(slice(None))
+    target = path / data.draw(st.sampled_from(["manifest.json", "logits.npy"]))
+    original = target.read_bytes()
+    target.write_bytes(_damage(original, data.draw(mutations(len(original)))))
+    try:
+        logits = TeacherCache.open(path, **expected).logits(slice(None))
+    except TeacherCacheError as error:
+        assert str(path) in str(error)
+    else:
+        assert torch.equal(logits, reference), f"damaged {target.name} gave different logits"
+    finally:
+        target.write_bytes(original)
