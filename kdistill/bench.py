@@ -1,13 +1,14 @@
 """``kdistill bench``: the fused loss against plain PyTorch, torch.compile, a peer and the floors.
 
-Every timing is taken side by side in one process: each case is set up, run ``warmup`` times, then
-``repeat`` times, and the median is reported (compile time, the first call's excess over the
-median, separately). Peak memory is measured in a fresh subprocess per case, as the peak resident
-set size during one call minus the resident size just before it, so that the
-inputs, the imported libraries and any compiled code are not counted; the gradient the call
-leaves behind is. Only the compiled cases get a warm-up call there (to compile). On Linux the
-peak is reset through ``/proc/self/clear_refs`` just before the measured call; elsewhere the
-``ru_maxrss`` delta is used.
+Every timing is taken side by side in one process. The cases of a group share their inputs and
+are timed in turns: every case is warmed up, then each of ``repeat`` rounds runs every case once,
+so a change in the machine's load touches all of them alike. Medians are reported (compile time,
+the first call's excess over the median, separately). Peak memory is measured in a fresh
+subprocess per case, as the peak resident set size during one call minus the resident size just
+before it, so that the inputs, the imported libraries and any compiled code are not counted; the
+gradient the call leaves behind is. Only the compiled cases get a warm-up call there (to
+compile). On Linux the peak is reset through ``/proc/self/clear_refs`` just before the measured
+call; elsewhere the ``ru_maxrss`` delta is used.
 
 Cases:
 
@@ -100,11 +101,33 @@ def _plain_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return kl * temperature**2 / student.shape[0]
 
 
+# Inputs shared by the cases of one group, so that they can be timed in turns; cleared after it.
+_shared: dict[tuple, Any] = {}
+
+
 def _loss_inputs(sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    student = torch.randn(sizes.tokens, sizes.vocab, generator=gen).mul_(3).requires_grad_(True)
-    teacher = torch.randn(sizes.tokens, sizes.vocab, generator=gen).mul_(3)
-    return student, teacher
+    key = ("loss", sizes.tokens, sizes.vocab)
+    if key not in _shared:
+        gen = torch.Generator().manual_seed(0)
+        student = torch.randn(sizes.tokens, sizes.vocab, generator=gen).mul_(3)
+        teacher = torch.randn(sizes.tokens, sizes.vocab, generator=gen).mul_(3)
+        _shared[key] = (student.requires_grad_(True), teacher)
+    return _shared[key]
+
+
+def _linear_inputs(sizes: Sizes) -> tuple[torch.Tensor, ...]:
+    key = ("linear", sizes.tokens, sizes.hidden, sizes.vocab)
+    if key not in _shared:
+        gen = torch.Generator().manual_seed(1)
+        n, h, v = sizes.tokens, sizes.hidden, sizes.vocab
+        _shared[key] = (
+            torch.randn(n, h, generator=gen).requires_grad_(True),
+            torch.randn(v, h, generator=gen).mul_(h**-0.5).requires_grad_(True),
+            torch.randn(n, h, generator=gen),
+            torch.randn(v, h, generator=gen).mul_(h**-0.5),
+            torch.randn(n, v, generator=gen),
+        )
+    return _shared[key]
 
 
 def _setup_loss(name: str, sizes: Sizes) -> Callable[[], Any]:
@@ -142,12 +165,10 @@ def _setup_loss(name: str, sizes: Sizes) -> Callable[[], Any]:
 def _setup_linear(name: str, sizes: Sizes) -> Callable[[], Any]:
     from kdistill.fused_linear import fused_linear_kd_loss
 
-    gen = torch.Generator().manual_seed(1)
     n, h, v, temperature = sizes.tokens, sizes.hidden, sizes.vocab, sizes.temperature
-    student_hidden = torch.randn(n, h, generator=gen).requires_grad_(True)
-    student_weight = torch.randn(v, h, generator=gen).mul_(h**-0.5).requires_grad_(True)
-    teacher_hidden = torch.randn(n, h, generator=gen)
-    teacher_weight = torch.randn(v, h, generator=gen).mul_(h**-0.5)
+    student_hidden, student_weight, teacher_hidden, teacher_weight, grad_logits = _linear_inputs(
+        sizes
+    )
     params = (student_hidden, student_weight)
 
     def clear():
@@ -202,7 +223,6 @@ def _setup_linear(name: str, sizes: Sizes) -> Callable[[], Any]:
         step.clear = clear
         return step
     if name == "linear-4-matmuls":
-        grad_logits = torch.randn(n, v, generator=gen)
         outs = (torch.empty(n, v), torch.empty(n, v), torch.empty(n, h), torch.empty(v, h))
         sh, sw = student_hidden.detach(), student_weight.detach()
 
@@ -285,29 +305,62 @@ def _repeats(name: str, sizes: Sizes) -> int:
     return sizes.repeat
 
 
-def time_case(name: str, sizes: Sizes, workdir: Path) -> dict[str, Any]:
-    """Warm up, then time ``repeat`` calls of case ``name``; the median is the result."""
-    setup_started = time.perf_counter()
-    step = setup_case(name, sizes, workdir)
-    setup_seconds = time.perf_counter() - setup_started
-    first = None
-    for i in range(max(1, sizes.warmup)):
-        started = time.perf_counter()
-        step()
-        if i == 0:
-            first = time.perf_counter() - started
-    times = []
-    for _ in range(_repeats(name, sizes)):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    del step
-    gc.collect()
-    median = statistics.median(times)
-    result = {"case": name, "median_s": median, "times_s": times, "setup_s": setup_seconds}
-    if name in COMPILED_CASES:
-        result["compile_s"] = max(0.0, first - median)
-    return result
+def time_group(names: tuple[str, ...], sizes: Sizes, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Time the cases of one group in turns: all warm up, then each repetition runs every case
+    once, so a change in the machine's load during the run touches every case alike.
+
+    Returns:
+        ``{case: {"median_s", "times_s", "setup_s"[, "compile_s"]}}``, or ``{"skipped"}`` /
+        ``{"error"}`` for a case that could not run.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    steps: dict[str, Callable[[], Any]] = {}
+    first: dict[str, float] = {}
+
+    def guarded(name: str, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Skip as skip:
+            results[name] = {"case": name, "skipped": str(skip)}
+            steps.pop(name, None)
+        except Exception as err:  # a failing case must not hide the others' numbers
+            logger.exception("benchmark case %s failed", name)
+            results[name] = {"case": name, "error": f"{type(err).__name__}: {err}"}
+            steps.pop(name, None)
+
+    try:
+        for name in names:
+            started = time.perf_counter()
+
+            def setup(name=name):
+                steps[name] = setup_case(name, sizes, workdir)
+
+            guarded(name, setup)
+            if name in steps:
+                results[name] = {"case": name, "setup_s": time.perf_counter() - started}
+        for i in range(max(1, sizes.warmup)):
+            for name in list(steps):
+                started = time.perf_counter()
+                guarded(name, steps[name])
+                if i == 0:
+                    first[name] = time.perf_counter() - started
+        repeats = min(_repeats(name, sizes) for name in names)
+        for _ in range(repeats):
+            for name in list(steps):
+                started = time.perf_counter()
+                guarded(name, steps[name])
+                if name in steps:
+                    results[name].setdefault("times_s", []).append(time.perf_counter() - started)
+        for name in steps:
+            times = results[name]["times_s"]
+            results[name]["median_s"] = statistics.median(times)
+            if name in COMPILED_CASES:
+                results[name]["compile_s"] = max(0.0, first[name] - results[name]["median_s"])
+    finally:
+        steps.clear()
+        _shared.clear()
+        gc.collect()
+    return {name: results[name] for name in names if name in results}
 
 
 def _status_kib(field: str) -> int | None:
@@ -393,20 +446,17 @@ def run_benchmark(
     """
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="kdistill-bench-") as tmp:
-        for name in cases:
-            try:
-                result = time_case(name, sizes, Path(tmp))
-            except Skip as skip:
-                result = {"case": name, "skipped": str(skip)}
-            except Exception as err:  # a failing case must not hide the others' numbers
-                logger.exception("benchmark case %s failed", name)
-                result = {"case": name, "error": f"{type(err).__name__}: {err}"}
-            if memory and "median_s" in result:
-                mem = measure_memory(name, sizes)
-                result.update({k: v for k, v in mem.items() if k != "case"})
-            results[name] = result
-            if on_result:
-                on_result(result)
+        for group in (LOSS_CASES, LINEAR_CASES, CACHE_CASES):
+            names = tuple(name for name in group if name in cases)
+            if not names:
+                continue
+            for name, result in time_group(names, sizes, Path(tmp)).items():
+                if memory and "median_s" in result:
+                    mem = measure_memory(name, sizes)
+                    result.update({k: v for k, v in mem.items() if k != "case"})
+                results[name] = result
+                if on_result:
+                    on_result(result)
     report = {
         "sizes": asdict(sizes),
         "environment": environment(),
