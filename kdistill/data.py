@@ -413,7 +413,7 @@ def _load_split(name: str, folder: Path, split: str) -> TensorDataset:
 
     images = read_idx(image_path)
     labels = read_idx(label_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(
             f"{image_path} should hold uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
             f"found {images.dtype} of shape {images.shape}"
