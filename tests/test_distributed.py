@@ -67,6 +67,31 @@ PROBLEM = textwrap.dedent(
     '''
 
 
+    def run_hf(output_dir, world_size):
+        # Two SGD steps of the HF trainer on 8 causal-LM examples, 4 per global batch. Valid
+        # target counts per process and step: 9 + 1 | 1 + 2, then 8 + 3 | 0 + 5.
+        from torch.utils.data import SequentialSampler
+
+        from kdistill.hf import DistillationTrainer
+        from tests.test_hf import causal_examples, causal_lm, collate, training_args
+
+        teacher, student = causal_lm(32, seed=1), causal_lm(16, seed=2)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=training_args(
+                output_dir, max_steps=2, per_device_train_batch_size=4 // world_size,
+                optim="sgd", learning_rate=1.0,
+            ),
+            train_dataset=causal_examples([12, 4, 4, 5, 11, 6, 2, 8]),
+            data_collator=collate,
+        )
+        trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
+        trainer.train()
+        weights = {k: v.detach().clone() for k, v in student.named_parameters()}
+        return weights, trainer.state.log_history
+
+
     def make_config(batch_size):
         return TrainConfig(
             epochs=2, batch_size=batch_size, optimizer="sgd", lr=0.2, momentum=0.9,
@@ -105,6 +130,16 @@ WORKER = textwrap.dedent(
     ):
         status = main([*argv, "-c", CLI_CONFIG, "--data-dir", "data", "--no-progress"])
         assert status == 0, status
+
+    # The Hugging Face trainer, through accelerate, in the same process group.
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        from problem import run_hf
+
+        weights, _ = run_hf("hf-ddp", 2)
+        if ctx.is_main:
+            torch.save(weights, "hf-ddp/weights.pt")
     torch.distributed.destroy_process_group()
     """
 )
@@ -327,3 +362,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_hf_trainer_on_two_processes_matches_one_despite_uneven_token_counts(tmp_path, ddp_runs):
+    pytest.importorskip("transformers")
+    problem = _problem(tmp_path)
+    expected, _ = problem["run_hf"](str(tmp_path / "hf"), 1)
+    got = torch.load(ddp_runs[0] / "hf-ddp" / "weights.pt")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
