@@ -660,11 +660,16 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(measure_memory_here(args.memory_case, sizes, Path(tmp))))
         return 0
 
-    sizes = sizes_from_args(args)
+    from kdistill.cli import UserError
+
+    try:
+        sizes = sizes_from_args(args)
+    except ValueError as err:
+        raise UserError(str(err)) from err
     cases = tuple(c.strip() for c in args.cases.split(",")) if args.cases else ALL_CASES
     unknown = [c for c in cases if c not in ALL_CASES]
     if unknown:
-        raise ValueError(f"unknown cases {unknown}; expected some of {', '.join(ALL_CASES)}")
+        raise UserError(f"unknown cases {unknown}; expected some of {', '.join(ALL_CASES)}")
     if args.no_compile:
         cases = tuple(c for c in cases if c not in COMPILED_CASES)
 
