@@ -123,35 +123,48 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_two_runs_with_the_same_seed_give_identical_students(tmp_path):
-    first, _ = _distill(tmp_path / "a")
+def test_two_runs_with_the_same_seed_give_identical_students(tmp_path, reference_run):
+    first = reference_run[0]
     second, _ = _distill(tmp_path / "b")
     different_init, _ = _distill(tmp_path / "c", seed=1)
     assert _same_weights(first, second)
     assert not _same_weights(first, different_init)
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted distillation run: its student, result and run folder."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    student, result = _distill(run_dir)
+    torch.set_num_threads(threads)
+    return student, result, run_dir
+
+
 # 120 examples / 32 = 4 steps per epoch: stop mid-epoch, exactly at an epoch's last step, and
 # in the last epoch.
-@pytest.mark.parametrize("stop", [2, 4, 6, 11])
-def test_resuming_a_stopped_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, stop):
-    reference, reference_result = _distill(tmp_path / "ref")
+@pytest.mark.parametrize("stop", [2, 4, 11])
+def test_resuming_a_stopped_run_is_bit_identical_to_an_uninterrupted_one(
+    tmp_path, stop, reference_run
+):
+    reference, reference_result, reference_dir = reference_run
     with pytest.raises(TrainingInterrupted):
         _distill(tmp_path / "run", stop_after_steps=stop)
     assert load_checkpoint(tmp_path / "run" / "last.safetensors")["progress"]["step"] > 0
     resumed, result = _distill(tmp_path / "run", resume=True)
 
     assert _same_weights(reference, resumed)
-    assert _metrics(tmp_path / "ref") == _metrics(tmp_path / "run")
-    ref_optim = load_checkpoint(tmp_path / "ref" / "last.safetensors")["optim"]
+    assert _metrics(reference_dir) == _metrics(tmp_path / "run")
+    ref_optim = load_checkpoint(reference_dir / "last.safetensors")["optim"]
     run_optim = load_checkpoint(tmp_path / "run" / "last.safetensors")["optim"]
     for key, state in ref_optim["state"].items():
         assert torch.equal(state["momentum_buffer"], run_optim["state"][key]["momentum_buffer"])
     assert result.errors == reference_result.errors and result.epochs == 3
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
-    reference, _ = _distill(tmp_path / "ref")
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, reference_run):
+    reference = reference_run[0]
     steps = []
 
     def send_sigterm_at_step_5(event):
