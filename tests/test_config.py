@@ -74,3 +74,8 @@ def test_override_values_are_toml_with_bare_words_as_strings():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_shipped_config_files_equal_the_builtin_presets(name):
     assert load_config(CONFIGS / f"{name}.toml") == load_config(base=PRESETS[name])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_file_is_valid(path):
+    load_config(path)
