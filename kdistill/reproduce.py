@@ -258,6 +258,7 @@ def plot_comparison(results: dict[str, FitResult], path: Path, title: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from kdistill.checkpoint import atomic_write
 
@@ -267,6 +268,8 @@ def plot_comparison(results: dict[str, FitResult], path: Path, title: str) -> No
         epochs = [r["epoch"] for r in result.history]
         ax.plot(epochs, [r["test_errors"] for r in result.history], label=labels[phase])
     ax.set(xlabel="epoch", ylabel="test errors (of 10,000)", yscale="log", title=title)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
