@@ -40,11 +40,21 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # --------------------------------------------------------------------------------------------
 
 
+def _as_float(name: str, value: object, expected: str) -> float:
+    """``value`` as a float; TypeError for a non-number, ValueError for an int too large."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name} must be {expected}, got an int of {len(str(value))} digits"
+        ) from None
+
+
 def check_temperature(temperature: float) -> float:
     """Return ``temperature`` as a float, or raise if it is not a finite number above zero."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    temperature = float(temperature)
+    temperature = _as_float("temperature", temperature, "a number")
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
@@ -68,9 +78,7 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 def check_beta(beta: float) -> float:
     """Return ``beta`` as a float in [0, 1], or raise."""
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number in [0, 1], got {type(beta).__name__}")
-    beta = float(beta)
+    beta = _as_float("beta", beta, "a number in [0, 1]")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     return beta
@@ -209,8 +217,10 @@ def compute_normalizer(
     return float(max(1, size[normalization]))
 
 
-def _check_normalizer_override(normalizer: float | Tensor) -> float | Tensor:
+def _check_normalizer_override(normalizer: float | Tensor, device: torch.device) -> float | Tensor:
     if isinstance(normalizer, Tensor):
+        if normalizer.device != device:
+            raise ValueError(f"normalizer is on {normalizer.device} but the logits are on {device}")
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got shape {_shape(normalizer)}")
         if normalizer.dtype == torch.bool or normalizer.is_complex():
@@ -241,9 +251,12 @@ def _check_normalizer_override(normalizer: float | Tensor) -> float | Tensor:
 
 
 def _kl_from_log_probs(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
-    """KL(p || q) summed over ``dim``; terms with p == 0 contribute 0 even where q == 0."""
+    """KL(p || q) summed over ``dim``; terms with p == 0 contribute 0 even where q == 0.
+
+    ``p != 0`` rather than ``p > 0`` so that a NaN in p propagates instead of being dropped.
+    """
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    terms = torch.where(p != 0, p * (log_p - log_q), torch.zeros_like(p))
     return terms.sum(dim)
 
 
@@ -371,11 +384,13 @@ def divergence_loss(
         valid_count = None if mask is None else mask.sum()
         norm = compute_normalizer(normalization, outer, inner, valid_count)
     else:
-        norm = _check_normalizer_override(normalizer)
+        norm = _check_normalizer_override(normalizer, student_logits.device)
     scale_factor = float(loss_weight) * (temperature**2 if t_squared else 1.0)
 
-    use_fused = implementation == "fused" or (
-        implementation == "auto" and _fused_applies(student_logits, axis, divergence)
+    # An empty input has nothing to fuse; the reference path returns its zero loss.
+    use_fused = student_logits.numel() > 0 and (
+        implementation == "fused"
+        or (implementation == "auto" and _fused_applies(student_logits, axis, divergence))
     )
     if use_fused:
         from kdistill.fused import fused_divergence_2d
@@ -583,7 +598,7 @@ def hard_label_loss(
         valid_count = None if mask is None else mask.sum()
         norm = compute_normalizer(normalization, outer, inner, valid_count)
     else:
-        norm = _check_normalizer_override(normalizer)
+        norm = _check_normalizer_override(normalizer, student_logits.device)
     return nll.sum() / norm
 
 
@@ -702,11 +717,10 @@ class DistillationLoss(nn.Module):
         implementation: Implementation = "auto",
     ) -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a number in [0, 1], got {type(alpha).__name__}")
-        if not 0.0 <= float(alpha) <= 1.0:
+        alpha = _as_float("alpha", alpha, "a number in [0, 1]")
+        if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.soft = KDLoss(
             temperature=temperature,
             axis=axis,

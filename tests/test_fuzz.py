@@ -602,7 +602,6 @@ def test_every_config_key_with_every_edge_value_gives_a_usable_config_or_a_confi
     assert accepted > 50  # the grid exercises acceptance as well as refusal
 
 
-@pytest.mark.xfail(strict=True, reason="float() of a huge int raises OverflowError")
 @pytest.mark.parametrize("option", ["temperature", "beta", "alpha"])
 def test_huge_int_options_are_value_errors(option):
     huge = 10**400
@@ -615,7 +614,6 @@ def test_huge_int_options_are_value_errors(option):
             DistillationLoss(alpha=huge)
 
 
-@pytest.mark.xfail(strict=True, reason="the normalizer check calls .item() on a meta tensor")
 def test_normalizer_on_another_device_is_a_value_error():
     with pytest.raises(ValueError, match="normalizer"):
         kd_loss(STUDENT, TEACHER, normalizer=torch.tensor(3.0, device="meta"))
@@ -658,7 +656,6 @@ def test_edge_shapes_on_every_implementation_give_finite_losses_or_clear_errors(
                         assert student.grad is not None and torch.isfinite(student.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason="the fused branch reshapes to (-1, 0), ambiguous for torch")
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 0)])
 def test_fused_path_with_zero_classes_is_finite_or_a_value_error(shape):
     _finite_or_clear_error(
