@@ -49,7 +49,7 @@ BAD_TEMPERATURES = st.one_of(
     st.sampled_from(
         [0, 0.0, -0.0, -1.0, -1e-9, math.inf, -math.inf, math.nan, True, None, "4", [4.0], 1j]
     ),
-    st.sampled_from([1e-40, 1e-30, 1e-9, 2e19, 1e30]),
+    st.sampled_from([1e-40, 1e-30, 1e-9, 2e19, 1e30, 10**400]),
     st.floats(min_value=1e-12, max_value=1e12),
 )
 
@@ -163,6 +163,7 @@ NORMALIZER = st.one_of(
             torch.tensor(math.nan),
             torch.tensor(1 + 1j),
             torch.tensor(True),
+            torch.tensor(3.0, device="meta"),
             10**400,
             1e-320,
         ]
@@ -206,7 +207,9 @@ def test_divergence_losses_return_finite_values_or_raise_clear_errors(data):
     normalizer = data.draw(NORMALIZER)
     t_squared = data.draw(st.booleans())
     which = data.draw(st.sampled_from(["kd", "reverse", "jsd", "divergence", "module"]))
-    beta = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.1, 1.5, math.nan])))
+    beta = data.draw(
+        st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.1, 1.5, math.nan, 10**400]))
+    )
     if student.dtype.is_floating_point and student.device.type != "meta":
         student = student.detach().requires_grad_(True)
 
@@ -255,7 +258,9 @@ def test_distillation_and_hard_label_losses_return_finite_values_or_raise_clear_
     student, teacher, finite = data.draw(logits_pair())
     axis = data.draw(st.integers(min_value=-3, max_value=3))
     labels, _ = data.draw(labels_for(student, axis))
-    alpha = data.draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.5, 2.0, math.nan])))
+    alpha = data.draw(
+        st.one_of(st.floats(0.0, 1.0), st.sampled_from([-0.5, 2.0, math.nan, 10**400]))
+    )
     temperature = data.draw(st.one_of(GOOD_TEMPERATURES, BAD_TEMPERATURES))
     ignore_index = data.draw(IGNORE_INDEX)
     use_hard_only = data.draw(st.booleans())
@@ -628,8 +633,6 @@ def test_edge_shapes_on_every_implementation_give_finite_losses_or_clear_errors(
     for shape in EDGE_SHAPES:
         for axis in range(-len(shape), len(shape)):
             for implementation in ("auto", "reference", "fused"):
-                if implementation == "fused" and shape[axis] == 0:
-                    continue  # test_fused_path_with_zero_classes_is_finite_or_a_value_error
                 for divergence in ("forward_kl", "reverse_kl", "jsd"):
                     for dtype in (torch.float32, torch.bfloat16):
                         student = torch.randn(shape, generator=generator).to(dtype)
