@@ -326,7 +326,7 @@ def setup_case(name: str, sizes: Sizes, workdir: Path) -> Callable[[], Any]:
 
 
 def _repeats(name: str, sizes: Sizes) -> int:
-    if name in LINEAR_CASES or name in CACHE_CASES:
+    if name in LINEAR_CASES:
         return max(1, min(sizes.repeat, LINEAR_REPEAT_CAP))
     return sizes.repeat
 

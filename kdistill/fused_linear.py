@@ -31,10 +31,10 @@ from kdistill.losses import (
 
 logger = logging.getLogger(__name__)
 
-# Logits per chunk buffer (64 MiB in float32): large enough that the weight-gradient products
-# are few and efficient, small enough that the two chunk buffers stay a few percent of the full
-# logits.
-CHUNK_ELEMENTS = 1 << 24
+# Logits per chunk buffer (128 MiB in float32): large enough that the weight-gradient products
+# are few and efficient (each re-reads and re-writes the whole weight gradient), small enough
+# that the two chunk buffers stay far below the logits of a long sequence batch.
+CHUNK_ELEMENTS = 1 << 25
 
 
 def default_chunk_size(tokens: int, vocab: int) -> int:
@@ -89,8 +89,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
         accumulate = fused.compute_dtype(dtype)
 
         grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
+        # Filled by the first chunk's product, then accumulated into.
         grad_weight = (
-            torch.zeros(student_weight.shape, dtype=accumulate, device=student_weight.device)
+            torch.empty(student_weight.shape, dtype=accumulate, device=student_weight.device)
             if need_weight
             else None
         )
@@ -146,13 +147,19 @@ class _FusedLinearDivergence(torch.autograd.Function):
             if need_hidden:
                 torch.mm(grad_logits, student_weight, out=grad_hidden[r0:r1])
             if need_weight:
-                if accumulate == dtype:
+                if accumulate == dtype and r0 == 0:
+                    torch.mm(grad_logits.t(), hidden, out=grad_weight)
+                elif accumulate == dtype:
                     grad_weight.addmm_(grad_logits.t(), hidden)
+                elif r0 == 0:
+                    grad_weight.copy_(grad_logits.t() @ hidden)
                 else:
                     grad_weight += (grad_logits.t() @ hidden).to(accumulate)
             if need_bias:
                 grad_bias += grad_logits.sum(0, dtype=accumulate)
 
+        if tokens == 0 and grad_weight is not None:
+            grad_weight.zero_()
         ctx.fused_grads = (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(student_weight.dtype),
@@ -226,8 +233,8 @@ def fused_linear_kd_loss(
         normalization: ``"valid"``, ``"full"``, ``"batch_size"`` (all ``N``, as the loss over
             ``(N, V)`` logits with ``axis=-1`` would) or ``"none"``.
         t_squared: multiply by ``T**2``.
-        chunk_size: tokens per chunk; default about ``2**24 / V`` tokens, a multiple of 64
-            (512 at ``V = 32000``).
+        chunk_size: tokens per chunk; default about ``2**25 / V`` tokens, a multiple of 64
+            (1024 at ``V = 32000``).
         divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: JSD interpolation in [0, 1].
         normalizer: replaces the computed normalizer (for example a global token count).

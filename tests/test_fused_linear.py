@@ -155,6 +155,6 @@ def test_fused_linear_rejects_mismatched_shapes():
 
 
 def test_default_chunk_size_bounds_the_chunk_logits():
-    assert default_chunk_size(4096, 32000) == 512
+    assert default_chunk_size(4096, 32000) == 1024
     assert default_chunk_size(10, 32000) == 10
-    assert default_chunk_size(100000, 256000) == 64
+    assert default_chunk_size(100000, 256000) == 128
