@@ -26,8 +26,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 # Row kernel, instantiated once per (input type, compute type). For each row it makes two passes
-# over the inputs that come from memory: the maxima, then the exponentials (kept in the gradient
-# row and one scratch row, both cache-resident), then finishes loss and gradient from those.
+# over the inputs that come from memory: the maxima, then the exponentials (kept in two
+# cache-resident scratch rows), then finishes loss and gradient from those. Terms are skipped where
+# a probability is exactly 0 (``!= 0``, so a NaN propagates as in the reference path).
 _ROW_KERNEL = r"""
 void kd_rows_$NAME(const $IN *student, const $IN *teacher, const unsigned char *mask,
                    long rows, long cols, int divergence, double inv_temperature, double beta,
@@ -77,7 +78,7 @@ void kd_rows_$NAME(const $IN *student, const $IN *teacher, const unsigned char *
             for (long j = 0; j < cols; ++j) {
                 $REAL ps = es[j] * izs, pt = et[j] * izt;
                 $REAL d = ($LOAD(t[j]) * inv_t - lse_t) - ($LOAD(s[j]) * inv_t - lse_s);
-                acc += pt > 0 ? pt * d : ($REAL)0;
+                acc += pt != 0 ? pt * d : ($REAL)0;
                 es[j] = ps - pt;
             }
             if (g) for (long j = 0; j < cols; ++j) g[j] = $STORE(coef * es[j]);
@@ -86,13 +87,13 @@ void kd_rows_$NAME(const $IN *student, const $IN *teacher, const unsigned char *
             for (long j = 0; j < cols; ++j) {
                 $REAL ps = es[j] * izs;
                 $REAL d = ($LOAD(s[j]) * inv_t - lse_s) - ($LOAD(t[j]) * inv_t - lse_t);
-                acc += ps > 0 ? ps * d : ($REAL)0;
+                acc += ps != 0 ? ps * d : ($REAL)0;
                 es[j] = ps;
                 et[j] = d;
             }
             if (g) {
                 for (long j = 0; j < cols; ++j)
-                    g[j] = $STORE(es[j] > 0 ? coef * es[j] * (et[j] - acc) : ($REAL)0);
+                    g[j] = $STORE(es[j] != 0 ? coef * es[j] * (et[j] - acc) : ($REAL)0);
             }
         } else {                          /* (1-b) KL(teacher || M) + b KL(student || M) */
             const $REAL ratio_at_zero = one_minus_b > 0 ? ($REAL)1 / one_minus_b : ($REAL)0;
@@ -103,12 +104,12 @@ void kd_rows_$NAME(const $IN *student, const $IN *teacher, const unsigned char *
                 $REAL lps = $LOAD(s[j]) * inv_t - lse_s;
                 $REAL lpt = $LOAD(t[j]) * inv_t - lse_t;
                 $REAL term = 0;
-                if (pt > 0) term += one_minus_b * pt * (lpt - lm);
-                if (ps > 0) term += b * ps * (lps - lm);
+                if (pt != 0) term += one_minus_b * pt * (lpt - lm);
+                if (ps != 0) term += b * ps * (lps - lm);
                 acc += term;
                 /* ps * dL/dps, the constant b dropped (it cancels against the softmax Jacobian) */
                 $REAL ratio = m > 0 ? ps / m : ratio_at_zero;
-                $REAL h = ps > 0 ? b * ps * (lps - lm) : ($REAL)0;
+                $REAL h = ps != 0 ? b * ps * (lps - lm) : ($REAL)0;
                 h -= one_minus_b * (one_minus_b * pt + b * ps) * ratio;
                 es[j] = ps;
                 et[j] = h;

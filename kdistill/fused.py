@@ -248,24 +248,24 @@ def _rows_torch(
     zero = torch.zeros((), dtype=dtype, device=student.device)
 
     if code == 0:
-        loss = torch.where(q > 0, q * (log_q - log_p), zero).sum(-1)
+        loss = torch.where(q != 0, q * (log_q - log_p), zero).sum(-1)
         g = p.sub_(q) if grad is not None else None
     elif code == 1:
         d = log_p - log_q
-        loss = torch.where(p > 0, p * d, zero).sum(-1)
-        g = torch.where(p > 0, p * (d - loss.unsqueeze(-1)), zero) if grad is not None else None
+        loss = torch.where(p != 0, p * d, zero).sum(-1)
+        g = torch.where(p != 0, p * (d - loss.unsqueeze(-1)), zero) if grad is not None else None
     else:
         m = q * beta + p * (1.0 - beta)
         log_m = torch.where(m > 0, m.log(), torch.full_like(m, -math.inf))
         loss = (
-            torch.where(q > 0, (1.0 - beta) * q * (log_q - log_m), zero)
-            + torch.where(p > 0, beta * p * (log_p - log_m), zero)
+            torch.where(q != 0, (1.0 - beta) * q * (log_q - log_m), zero)
+            + torch.where(p != 0, beta * p * (log_p - log_m), zero)
         ).sum(-1)
         g = None
         if grad is not None:
             ratio_at_zero = 1.0 / (1.0 - beta) if beta < 1.0 else 0.0
             ratio = torch.where(m > 0, p / m, torch.full_like(m, ratio_at_zero))
-            h = torch.where(p > 0, beta * p * (log_p - log_m), zero)
+            h = torch.where(p != 0, beta * p * (log_p - log_m), zero)
             h -= (1.0 - beta) * ((1.0 - beta) * q + beta * p) * ratio
             g = h - p * h.sum(-1, keepdim=True)
 

@@ -302,3 +302,12 @@ def test_gradient_buffers_are_reused_only_after_autograd_released_them(engine):
     kd_loss(reference, teacher * 2, implementation="reference").backward()
     torch.testing.assert_close(held, reference.grad, rtol=2e-5, atol=1e-9)
     fused.release_cached_memory()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_fused_propagates_nan_like_the_reference(engine, divergence):
+    student, teacher = torch.randn(4, 300), torch.randn(4, 300)
+    teacher[1, 7] = float("nan")
+    fused_loss = divergence_loss(student, teacher, divergence=divergence, implementation="fused")
+    reference = divergence_loss(student, teacher, divergence=divergence)
+    assert torch.isnan(reference) and torch.isnan(fused_loss)

@@ -714,7 +714,6 @@ def test_fused_and_reference_agree_on_finite_inputs(data):
     assert _agree(reference, fused), f"reference {reference} vs fused {fused}"
 
 
-@pytest.mark.xfail(strict=True, reason="the fused path treats NaN/inf unlike the reference")
 @pytest.mark.parametrize(
     ("who", "value", "divergence", "classes"),
     [
