@@ -309,7 +309,7 @@ def fused_linear_kd_loss(
     if normalizer is None:
         norm = compute_normalizer(normalization, tokens, 1, valid_count)
     else:
-        norm = _check_normalizer_override(normalizer)
+        norm = _check_normalizer_override(normalizer, student_hidden.device)
     scale = (temperature**2 if t_squared else 1.0) / float(norm)
     chunk = chunk_size or default_chunk_size(tokens, vocab)
 

@@ -272,7 +272,7 @@ def sparse_kd_loss(
     if normalizer is None:
         norm = compute_normalizer(normalization, outer, inner, None if mask is None else mask.sum())
     else:
-        norm = _check_normalizer_override(normalizer)
+        norm = _check_normalizer_override(normalizer, student_logits.device)
     scale = (temperature**2 if t_squared else 1.0) / float(norm)
 
     classes, k = shape[axis], teacher_topk_values.shape[axis]

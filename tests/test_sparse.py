@@ -106,3 +106,13 @@ def test_sparse_rejects_bad_indices_and_shapes():
         sparse_kd_loss(student, values, values)
     with pytest.raises(ValueError, match="k must be"):
         topk_teacher(student, 11)
+
+
+def test_sparse_normalizer_override_divides_the_summed_loss():
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    values, indices = topk_teacher(torch.randn(6, 20, generator=g, dtype=torch.float64), 5)
+    summed = sparse_kd_loss(student, values, indices, normalization="none")
+    for normalizer in (7.0, torch.tensor(7.0, dtype=torch.float64)):
+        loss = sparse_kd_loss(student, values, indices, normalizer=normalizer)
+        assert loss.item() == pytest.approx(summed.item() / 7.0, rel=1e-12)
