@@ -28,7 +28,9 @@ lint: install
 	$(PY) -m ruff check kdistill tests benchmarks examples
 	$(PY) -m ruff format --check kdistill tests benchmarks examples
 
+# Liger-Kernel is a benchmark peer only; --no-deps keeps its triton (GPU) dependency out.
 bench: install
+	$(PY) -m pip install --quiet --no-deps "liger-kernel>=0.5"
 	$(PY) -m kdistill bench
 
 clean:
