@@ -136,7 +136,10 @@ def phase_signature(config: ExperimentConfig, phase: str) -> dict[str, Any]:
     if phase == "student":
         return {"data": data, "student": values["student"]}
     models = {k: {"model": values[k]["model"], "kwargs": values[k]["kwargs"]} for k in PHASES[:2]}
-    return {"data": data, "models": models, "init": values["student"]["init"], **values["distill"]}
+    distill = dict(values["distill"])
+    if distill["teacher"]:  # the same file named relatively or absolutely is the same teacher
+        distill["teacher"] = str(Path(distill["teacher"]).resolve())
+    return {"data": data, "models": models, "init": values["student"]["init"], **distill}
 
 
 def run_phase(

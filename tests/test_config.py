@@ -79,3 +79,16 @@ def test_shipped_config_files_equal_the_builtin_presets(name):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_file_is_valid(path):
     load_config(path)
+
+
+def test_a_finished_distillation_is_recognised_whatever_the_teacher_paths_spelling(monkeypatch):
+    from kdistill.reproduce import phase_signature
+
+    monkeypatch.chdir(CONFIGS.parent)
+    relative = load_config(overrides=['distill.teacher="runs/x/model.safetensors"'])
+    absolute = load_config(
+        overrides=[f'distill.teacher="{CONFIGS.parent}/runs/x/model.safetensors"']
+    )
+    other = load_config(overrides=['distill.teacher="runs/y/model.safetensors"'])
+    assert phase_signature(relative, "distill") == phase_signature(absolute, "distill")
+    assert phase_signature(relative, "distill") != phase_signature(other, "distill")
