@@ -51,8 +51,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from kdistill.config import ConfigError
     from kdistill.data import DataError
     from kdistill.models import ModelError
+    from kdistill.teacher_cache import TeacherCacheError
+    from kdistill.trainer import NonFiniteLossError
 
-    return (UserError, ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError)
+    return (
+        UserError,
+        ConfigError,
+        DataError,
+        ModelError,
+        CheckpointError,
+        TeacherCacheError,
+        NonFiniteLossError,
+        FileNotFoundError,
+    )
 
 
 class ProgressBars:

@@ -70,6 +70,10 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training in {run_dir} stopped by {reason}; checkpoint saved")
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last checkpoint predates it and is intact."""
+
+
 @dataclass
 class FitResult:
     """Outcome of :func:`fit`: the final test numbers, the best epoch and the history."""
@@ -432,6 +436,14 @@ def fit(
                 step_loss, stop.signum = distributed.reduce_step(
                     loss.detach(), stop.signum, dist_ctx
                 )
+                if not math.isfinite(step_loss):
+                    # Raised before any checkpoint of this step, so last.safetensors still holds
+                    # the weights from before the loss went bad.
+                    raise NonFiniteLossError(
+                        f"the training loss is {step_loss} at epoch {epoch + 1}, step {step}; "
+                        f"stopped without saving: {run_dir / 'last.safetensors'} holds the last "
+                        "good state (check the learning rate and the inputs)"
+                    )
                 loss_sum += step_loss
                 if progress:
                     progress({"event": "step", "loss": step_loss, "lr": lr})

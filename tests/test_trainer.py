@@ -19,6 +19,7 @@ from kdistill.checkpoint import (
 from kdistill.config import TrainConfig
 from kdistill.models import MLP
 from kdistill.trainer import (
+    NonFiniteLossError,
     TrainingInterrupted,
     epoch_order,
     evaluate,
@@ -261,3 +262,21 @@ def test_evaluate_counts_errors():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     scores = evaluate(model, TensorDataset(x, torch.tensor([0, 1, 1])), batch_size=2)
     assert scores["errors"] == 1 and scores["count"] == 3
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, test = _rule_problem()
+    x, y = train.tensors
+    config = TrainConfig(epochs=1, batch_size=100, lr=0.1, checkpoint_every=1)
+    # Poison one example of the sixth batch: five good steps are checkpointed before it.
+    order = epoch_order(len(x), config.seed, 0)
+    poisoned_x = x.clone()
+    poisoned_x[order[550]] = float("nan")
+
+    seed_everything(0)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at epoch 1, step 6"):
+        fit(MLP(20, (16,), 5), TensorDataset(poisoned_x, y), test, config, tmp_path / "run")
+
+    state = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert state["progress"]["global_step"] == 5
+    assert state["model"] and all(torch.isfinite(w).all() for w in state["model"].values())
