@@ -119,12 +119,15 @@ class DistillConfig:
     temperature: softening temperature of the soft targets.
     alpha: weight of the soft term; ``1 - alpha`` weighs the hard-label cross-entropy.
     teacher: weights file of the trained teacher; empty: the teacher phase's ``last`` weights.
+    teacher_cache: folder of an offline teacher cache: built there on first use, then read
+        instead of running the teacher (needs ``train.jitter = 0``); empty: run the teacher.
     train: how the student is distilled.
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
     teacher: str = ""
+    teacher_cache: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

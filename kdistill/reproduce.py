@@ -30,6 +30,7 @@ from kdistill import distributed
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import ConfigError, ExperimentConfig, ModelConfig, config_from_dict
 from kdistill.models import build_model, load_state, load_weights_file
+from kdistill.teacher_cache import TeacherCache, build_teacher_cache
 from kdistill.trainer import FitResult, ProgressCallback, fit, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,34 @@ def load_teacher(config: ExperimentConfig, run_dir: Path) -> nn.Module:
     return teacher
 
 
+def open_teacher_cache(
+    config: ExperimentConfig, run_dir: Path, teacher: nn.Module, train_set: Any
+) -> TeacherCache:
+    """The teacher cache of ``distill.teacher_cache``, verified, or built there if absent.
+
+    Raises:
+        ConfigError: the distillation jitters its inputs, which a cache cannot serve.
+        TeacherCacheError: the cache is stale (another teacher or other data) or damaged.
+    """
+    if config.distill.train.jitter:
+        raise ConfigError(
+            f"distill.teacher_cache needs distill.train.jitter = 0, got "
+            f"{config.distill.train.jitter}: cached teacher outputs are only valid for inputs "
+            "that are not randomly augmented"
+        )
+    folder = Path(config.distill.teacher_cache)
+    options = {
+        "teacher_checkpoint": teacher_weights_path(config, run_dir),
+        "dataset_name": f"{config.data.name}-train",
+    }
+    # Under torchrun rank 0 builds it once; every process then opens and verifies it.
+    if not (folder / "manifest.json").exists() and distributed.context().is_main:
+        logger.info("building the teacher cache in %s", folder)
+        build_teacher_cache(teacher, train_set, folder, dtype="float32", **options)
+    distributed.barrier()
+    return TeacherCache.open(folder, dataset=train_set, **options)
+
+
 def phase_signature(config: ExperimentConfig, phase: str) -> dict[str, Any]:
     """The parts of ``config`` that decide what ``phase`` computes.
 
@@ -211,6 +240,9 @@ def run_phase(
                 f"soft targets only and distill.alpha must be 1.0, got {config.distill.alpha}"
             )
         teacher = load_teacher(config, phase_dir.parent)
+        cache = None
+        if config.distill.teacher_cache:
+            cache = open_teacher_cache(config, phase_dir.parent, teacher, train_set)
         spec = ModelConfig(
             model=config.student.model,
             kwargs=config.student.kwargs,
@@ -225,6 +257,7 @@ def run_phase(
             config.distill.train,
             phase_dir,
             teacher=teacher,
+            teacher_cache=cache,
             temperature=config.distill.temperature,
             alpha=config.distill.alpha,
             use_labels=use_labels,

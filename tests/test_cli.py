@@ -170,3 +170,37 @@ def test_demo_reports_the_three_students_and_caches_its_teacher(
 
     code, out, _ = _run(capsys, *args, "--run-dir", tmp_path / "demo2")
     assert code == 0 and "reusing the cached teacher" in out
+
+
+def test_distillation_from_a_teacher_cache_builds_it_once_then_reads_it(tmp_path, data_dir, capsys):
+    cache = tmp_path / "teacher-cache"
+    base = [*TINY, "--data-dir", data_dir, "--set", f'distill.teacher_cache="{cache}"']
+    code, _, err = _run(capsys, "reproduce", "hinton-mnist", *base, "--run-dir", tmp_path / "r1")
+    assert code == 0, err
+    assert json.loads((cache / "manifest.json").read_text())["shape"][0] == 160
+    stamp = (cache / "manifest.json").stat().st_mtime_ns
+
+    # The same teacher again: the verified cache is read, not rebuilt.
+    teacher = tmp_path / "r1" / "teacher" / "model.safetensors"
+    code, _, err = _run(capsys, "distill", *base, "--teacher", teacher, "--run-dir", tmp_path / "d")
+    assert code == 0, err
+    assert (cache / "manifest.json").stat().st_mtime_ns == stamp
+
+    # Another teacher (another seed): the cache is stale and refused, not used.
+    other = [*base, "--set", "teacher.train.seed=7", "--run-dir", tmp_path / "r2"]
+    code, _, err = _run(capsys, "reproduce", "hinton-mnist", *other)
+    assert code == 2
+    assert "is stale" in err and "Traceback" not in err
+
+
+def test_a_teacher_cache_with_jittered_inputs_is_one_clear_line(tmp_path, data_dir, capsys):
+    args = [
+        "reproduce", "hinton-mnist", *TINY, "--data-dir", data_dir,
+        "--set", f'distill.teacher_cache="{tmp_path / "cache"}"',
+        "--set", "distill.train={epochs=1, batch_size=32, lr=0.1, jitter=1}",
+        "--run-dir", tmp_path / "repro",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    assert "distill.teacher_cache needs distill.train.jitter = 0" in err
+    assert "Traceback" not in err
